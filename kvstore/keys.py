@@ -1,0 +1,85 @@
+"""Page keys, format v1 (DESIGN.md, "Page key"): the only place the hash chain lives.
+
+    root   = xxh3_128(b"kvstore/v1\\0" + u32le(len(name)) + name + u32le(len(salt)) + salt)
+    key[i] = xxh3_128(key[i-1] + u32le(len(ctx_i)) + ctx_i + tokens of page i as int32 le)
+
+Only full pages get keys.  Tokens outside [0, 2^31) are rejected.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import xxhash
+
+from kvstore.errors import ErrorCode, KVStoreError
+
+KEY_BYTES = 16
+TOKEN_LIMIT = 1 << 31
+_DOMAIN = b"kvstore/v1\0"
+_U32 = struct.Struct("<I")
+
+
+def namespace_root(name: str, salt: bytes = b"") -> bytes:
+    """The chain's root: the parent key of page 0."""
+    encoded = name.encode("utf-8")
+    return xxhash.xxh3_128(_DOMAIN + _U32.pack(len(encoded)) + encoded + _U32.pack(len(salt)) + salt).digest()
+
+
+def as_token_array(tokens: Any) -> np.ndarray:
+    """Validate tokens and return them as a contiguous little-endian int32 array."""
+    arr = np.asarray(tokens)
+    if arr.ndim != 1:
+        raise KVStoreError(ErrorCode.BAD_TOKENS, f"tokens must be one-dimensional, got shape {arr.shape}")
+    if arr.size == 0:
+        raise KVStoreError(ErrorCode.BAD_TOKENS, "tokens are empty")
+    if arr.dtype.kind not in "iu":
+        raise KVStoreError(ErrorCode.BAD_TOKENS, f"tokens must be integers, got {arr.dtype}")
+    if int(arr.min()) < 0 or int(arr.max()) >= TOKEN_LIMIT:
+        raise KVStoreError(ErrorCode.BAD_TOKENS, "tokens must lie in [0, 2^31)")
+    return np.ascontiguousarray(arr, dtype="<i4")
+
+
+def page_keys(
+    root: bytes,
+    tokens: Any,
+    page_size: int,
+    contexts: Sequence[bytes] | None = None,
+) -> list[bytes]:
+    """Keys of every full page of ``tokens``; ``contexts[i]`` is page i's optional context."""
+    if page_size <= 0:
+        raise KVStoreError(ErrorCode.INVALID_ARGUMENT, "page_size must be positive")
+    arr = as_token_array(tokens)
+    num_pages = arr.size // page_size
+    if contexts is not None and len(contexts) < num_pages:
+        raise KVStoreError(ErrorCode.INVALID_ARGUMENT, f"{len(contexts)} page contexts for {num_pages} pages")
+    raw = arr.tobytes()
+    stride = page_size * 4
+    keys: list[bytes] = []
+    parent = root
+    empty_ctx = _U32.pack(0)
+    for i in range(num_pages):
+        ctx = contexts[i] if contexts is not None else b""
+        prefix = _U32.pack(len(ctx)) + ctx if ctx else empty_ctx
+        parent = xxhash.xxh3_128(parent + prefix + raw[i * stride : (i + 1) * stride]).digest()
+        keys.append(parent)
+    return keys
+
+
+def pack_keys(keys: Sequence[bytes]) -> bytes:
+    return b"".join(keys)
+
+
+def unpack_keys(packed: bytes) -> list[bytes]:
+    if len(packed) % KEY_BYTES:
+        raise KVStoreError(ErrorCode.BAD_KEYS, f"{len(packed)} bytes of keys is not a multiple of {KEY_BYTES}")
+    return [packed[i : i + KEY_BYTES] for i in range(0, len(packed), KEY_BYTES)]
+
+
+def sequence_digest(root: bytes, tokens: Any) -> bytes:
+    """Digest of a whole token sequence (tail included): the key of its extras."""
+    arr = as_token_array(tokens)
+    return xxhash.xxh3_128(root + b"seq" + _U32.pack(arr.size) + arr.tobytes()).digest()
