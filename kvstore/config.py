@@ -91,6 +91,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("advertise_host", str, "", (NODE,), "host name other hosts use to reach this node (default: --host)"),
     Setting("master", str, "127.0.0.1:50051", (NODE, CLIENT, CLI), "master address(es), comma separated"),
     Setting("etcd", str, "", (MASTER, NODE), "etcd endpoints HOST:PORT[,...]; empty: embedded metadata backend"),
+    Setting("cluster", str, "default", (MASTER, NODE), "cluster name: its etcd keys live under /kvstore/<cluster>/"),
     # -- node memory
     Setting("node_id", str, "", (NODE,), "stable node name (default: host name + data port)"),
     Setting("dram", parse_size, parse_size("1GiB"), (NODE,), "DRAM tier capacity (slot area)"),

@@ -20,6 +20,7 @@ used: its resource tracker unlinks segments it merely opened.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import logging
 import mmap
@@ -31,6 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from kvstore.errors import ErrorCode, KVStoreError
+from kvstore.tiers.base import Tier
 
 log = logging.getLogger("kvstore.tiers.dram")
 
@@ -61,14 +63,18 @@ def _data_offset(data_bytes: int) -> tuple[int, int]:
 
 
 def read_header(buf: bytes | memoryview | mmap.mmap) -> PoolHeader:
-    magic, version, incarnation, data_offset, data_bytes, gen_offset, gen_entries, pid = _HEADER.unpack_from(buf, 0)
+    magic, version, incarnation, data_offset, data_bytes, gen_offset, gen_entries, pid = _HEADER.unpack_from(
+        buf, 0
+    )
     if magic != MAGIC or version != VERSION:
         raise KVStoreError(ErrorCode.STALE_INCARNATION, "not a kvstore pool file (or another format version)")
     return PoolHeader(incarnation, data_offset, data_bytes, gen_offset, gen_entries, pid)
 
 
-class DramPool:
+class DramPool(Tier):
     """A mapped pool file: the node's (owner) or a same-host client's (attached) view."""
+
+    tier = "dram"
 
     def __init__(self, path: str, fd: int, mm: mmap.mmap, header: PoolHeader, owner: bool) -> None:
         self.path = path
@@ -98,16 +104,29 @@ class DramPool:
             try:
                 os.posix_fallocate(fd, 0, total)
             except OSError as exc:
-                raise OSError(exc.errno, f"cannot reserve {total} bytes for the DRAM pool in {directory}: "
-                                         f"{exc.strerror} (is the tmpfs large enough? see --dram/--shm-dir)") from exc
+                raise OSError(
+                    exc.errno,
+                    f"cannot reserve {total} bytes for the DRAM pool in {directory}: "
+                    f"{exc.strerror} (is the tmpfs large enough? see --dram/--shm-dir)",
+                ) from exc
             mm = mmap.mmap(fd, total, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         except BaseException:
             os.close(fd)
             os.unlink(path)
             raise
         header = PoolHeader(incarnation, data_offset, data_bytes, HEADER_BYTES, gen_entries, os.getpid())
-        _HEADER.pack_into(mm, 0, MAGIC, VERSION, incarnation, data_offset, data_bytes, HEADER_BYTES, gen_entries,
-                          os.getpid())
+        _HEADER.pack_into(
+            mm,
+            0,
+            MAGIC,
+            VERSION,
+            incarnation,
+            data_offset,
+            data_bytes,
+            HEADER_BYTES,
+            gen_entries,
+            os.getpid(),
+        )
         pool = cls(path, fd, mm, header, owner=True)
         if prefault:
             pool.prefault()
@@ -120,7 +139,9 @@ class DramPool:
         try:
             fd = os.open(path, os.O_RDWR)
         except OSError as exc:
-            raise KVStoreError(ErrorCode.STALE_INCARNATION, f"cannot open pool {path}: {exc.strerror}") from exc
+            raise KVStoreError(
+                ErrorCode.STALE_INCARNATION, f"cannot open pool {path}: {exc.strerror}"
+            ) from exc
         try:
             size = os.fstat(fd).st_size
             if size < HEADER_BYTES:
@@ -133,7 +154,9 @@ class DramPool:
         if header.incarnation != incarnation or header.data_offset + header.data_bytes > size:
             mm.close()
             os.close(fd)
-            raise KVStoreError(ErrorCode.STALE_INCARNATION, f"pool {path} belongs to another node incarnation")
+            raise KVStoreError(
+                ErrorCode.STALE_INCARNATION, f"pool {path} belongs to another node incarnation"
+            )
         return cls(path, fd, mm, header, owner=False)
 
     def prefault(self) -> None:
@@ -141,10 +164,21 @@ class DramPool:
         from kvstore import native
 
         step = 64 << 20
-        ops = [(self.base_address + off, min(step, len(self.bytes) - off)) for off in range(0, len(self.bytes), step)]
+        ops = [
+            (self.base_address + off, min(step, len(self.bytes) - off))
+            for off in range(0, len(self.bytes), step)
+        ]
         native.fill(np.array(ops, dtype=np.uint64), 0)
 
     # -- slots
+    @property
+    def capacity_bytes(self) -> int:
+        return self.header.data_bytes
+
+    def data_view(self) -> memoryview:
+        start = self.header.data_offset
+        return memoryview(self.mm)[start : start + self.header.data_bytes]
+
     def check_range(self, offsets: np.ndarray, lengths: np.ndarray) -> None:
         ends = offsets.astype(np.uint64) + lengths.astype(np.uint64)
         if len(offsets) and int(ends.max()) > self.header.data_bytes:
@@ -164,16 +198,14 @@ class DramPool:
             # Someone still holds a view (numpy arrays handed out); the mapping goes with the process.
             log.debug("pool %s still has exported views; leaving the mapping to process exit", self.path)
         if unlink if unlink is not None else self.owner:
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.path)
-            except FileNotFoundError:
-                pass
         os.close(self._fd)
 
 
 def sweep_orphans(directory: str) -> list[str]:
     """Remove pool files whose node died (nobody holds their flock)."""
-    removed = []
+    removed: list[str] = []
     try:
         names = os.listdir(directory)
     except FileNotFoundError:

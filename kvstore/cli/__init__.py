@@ -1,0 +1,1 @@
+"""The ``kvstore`` admin command line (entry point :func:`kvstore.cli.main.main`)."""

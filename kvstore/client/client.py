@@ -1,0 +1,586 @@
+"""The synchronous client SDK.
+
+Control calls (gRPC) run on the client's own event-loop thread
+(:mod:`kvstore.client.loop`); data moves in the calling thread through the
+transport chosen per node (:mod:`kvstore.transports`), with the GIL released
+inside the native copy.  Every argument is checked here before any RPC.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import struct
+from collections.abc import Sequence
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+import xxhash
+
+from kvstore import hostid, keys
+from kvstore._proto import kvstore_pb2 as pb
+from kvstore.client.buffers import byte_view, check_size
+from kvstore.client.control import MasterConnection
+from kvstore.client.loop import LoopThread
+from kvstore.client.sessions import PutSession, SessionCache, SessionKey
+from kvstore.client.types import Lease, PrefixHit
+from kvstore.config import Config, load
+from kvstore.errors import ErrorCode, KVStoreError
+from kvstore.layout import Layout, shard_checksums
+from kvstore.transports import CopyPlan, NodeBatch, TransportSelector, node_batches
+
+log = logging.getLogger("kvstore.client")
+
+_U32 = struct.Struct("<I")
+LeaseRef = Lease | str
+
+
+def layout_from_spec(spec: pb.NamespaceSpec) -> Layout:
+    """The namespace geometry as the master stored it."""
+    geometry = spec.geometry if spec.HasField("geometry") and spec.geometry.kind else None
+    return Layout.build(
+        spec.name,
+        spec.page_size,
+        spec.num_layers,
+        spec.segment_bytes,
+        kind=geometry.kind if geometry else "",
+        kv_heads=geometry.kv_heads if geometry else 0,
+        head_dim=geometry.head_dim if geometry else 0,
+        dtype=geometry.dtype if geometry else "",
+    )
+
+
+def _common_prefix(a: bytes, b: bytes) -> int:
+    """Number of leading 16-byte keys two packed key strings share."""
+    n = min(len(a), len(b)) // keys.KEY_BYTES
+    if n == 0:
+        return 0
+    left = np.frombuffer(a, dtype=np.uint8, count=n * keys.KEY_BYTES).reshape(n, keys.KEY_BYTES)
+    right = np.frombuffer(b, dtype=np.uint8, count=n * keys.KEY_BYTES).reshape(n, keys.KEY_BYTES)
+    differ = np.flatnonzero((left != right).any(axis=1))
+    return int(differ[0]) if len(differ) else n
+
+
+class KVStoreClient:
+    """Puts and gets the KV cache of one namespace.
+
+    ``KVStoreClient("127.0.0.1:50051", namespace="llama3-8b/bf16")``; the
+    address defaults to the ``master`` setting, and any client setting of
+    :mod:`kvstore.config` can be given as a keyword (``transport="tcp"``,
+    ``rpc_timeout_ms=2000``) or through ``config=``.  Thread-safe.
+    """
+
+    def __init__(
+        self,
+        address: str | None = None,
+        namespace: str = "",
+        *,
+        config: Config | None = None,
+        salt: bytes = b"",
+        session_cache_size: int = 512,
+        **settings: Any,
+    ) -> None:
+        cfg = config if config is not None else load()
+        if settings:
+            try:
+                cfg = cfg.replace(**settings)
+            except KeyError as exc:
+                raise TypeError(f"unknown kvstore setting {exc.args[0]!r}") from None
+        self.config = cfg
+        self.namespace = namespace
+        self._salt = bytes(salt)
+        self._timeout_s = cfg.rpc_timeout_ms / 1000.0
+        self._transports = TransportSelector(cfg.transport, cfg.copy_threads, self._timeout_s)
+        self._host = hostid.host_id(cfg.host_id)
+        self._sessions = SessionCache(session_cache_size)
+        self._layout: Layout | None = None
+        self._root = b""
+        self._closed = False
+        self._loop = LoopThread()
+        self._master = MasterConnection(
+            address or cfg.master, self._loop, self._timeout_s, cfg.max_message_bytes
+        )
+
+    # ------------------------------------------------------------ lifetime
+    def __enter__(self) -> KVStoreClient:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Abort unfinished put sessions, close connections and stop the loop thread.  Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        unfinished = [s for s in self._sessions.drain() if s.has_work]
+        try:
+            if unfinished and self._loop.running:
+                self._loop.run(self._abort_all(unfinished), timeout_s=self._timeout_s + 5.0)
+        except KVStoreError as exc:
+            log.info("could not abort %d unfinished put sessions: %s", len(unfinished), exc)
+        finally:
+            try:
+                self._master.close()
+            except KVStoreError as exc:
+                log.debug("closing the master channel: %s", exc)
+            self._loop.stop()
+            self._transports.close()
+
+    async def _abort_all(self, sessions: list[PutSession]) -> None:
+        calls = [
+            self._master.acall("AbortPut", pb.AbortPutRequest(session_id=s.session_id)) for s in sessions
+        ]
+        for result in await asyncio.gather(*calls, return_exceptions=True):
+            if isinstance(result, BaseException):
+                log.debug("abort at close: %s", result)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise KVStoreError(ErrorCode.UNAVAILABLE, "the client is closed")
+        if not self.namespace:
+            raise KVStoreError(ErrorCode.INVALID_ARGUMENT, "no namespace: pass namespace= to KVStoreClient")
+
+    # ------------------------------------------------------------ namespaces
+    def create_namespace(
+        self,
+        page_size: int,
+        num_layers: int,
+        segment_bytes: int = 0,
+        fingerprint: bytes = b"",
+        *,
+        kind: str = "",
+        kv_heads: int = 0,
+        head_dim: int = 0,
+        dtype: str = "",
+        quota_bytes: int = 0,
+    ) -> Layout:
+        """Register the namespace (or confirm an identical one); returns its layout.
+
+        Opaque form: ``segment_bytes``.  Geometry form: ``kind`` ("mha"/"mla"),
+        ``kv_heads``, ``head_dim``, ``dtype``; the segment size follows.  A
+        namespace that exists with another layout or fingerprint raises
+        NAMESPACE_MISMATCH.
+        """
+        self._check_open()
+        Layout.build(self.namespace, page_size, num_layers, segment_bytes, kind, kv_heads, head_dim, dtype)
+        spec = pb.NamespaceSpec(
+            name=self.namespace,
+            page_size=page_size,
+            num_layers=num_layers,
+            segment_bytes=segment_bytes,
+            fingerprint=bytes(fingerprint),
+            salt=self._salt,
+            quota_bytes=quota_bytes,
+        )
+        if kind:
+            spec.geometry.CopyFrom(pb.Geometry(kind=kind, kv_heads=kv_heads, head_dim=head_dim, dtype=dtype))
+        response = self._master.call("CreateNamespace", pb.CreateNamespaceRequest(spec=spec))
+        log.debug("namespace %s %s", self.namespace, "created" if response.created else "already registered")
+        return self._remember(response.spec)
+
+    @property
+    def layout(self) -> Layout:
+        """The namespace layout (fetched from the master on first use, then cached)."""
+        self._check_open()
+        if self._layout is None:
+            response = self._master.call("GetNamespace", pb.GetNamespaceRequest(name=self.namespace))
+            self._remember(response.spec)
+        assert self._layout is not None
+        return self._layout
+
+    def _remember(self, spec: pb.NamespaceSpec) -> Layout:
+        layout = layout_from_spec(spec)
+        self._root = keys.namespace_root(self.namespace, self._salt or spec.salt)
+        self._layout = layout
+        return layout
+
+    def delete_namespace(self) -> int:
+        """Delete the namespace and every page in it; returns the pages freed."""
+        self._check_open()
+        response = self._master.call("DeleteNamespace", pb.DeleteNamespaceRequest(name=self.namespace))
+        self._layout = None
+        self._sessions.drain()
+        return int(response.pages_freed)
+
+    # ------------------------------------------------------------ keys
+    def _page_keys(self, tokens: np.ndarray, num_pages: int, contexts: Sequence[bytes] | None) -> bytes:
+        layout = self.layout
+        return keys.pack_keys(
+            keys.page_keys(self._root, tokens[: num_pages * layout.page_size], layout.page_size, contexts)
+        )
+
+    def _session_key(
+        self, tokens: np.ndarray, contexts: Sequence[bytes] | None, tp_rank: int, tp_size: int
+    ) -> SessionKey:
+        # One hash of the keyed tokens, not the whole key chain: put_layer runs once per layer.
+        digest = keys.sequence_digest(self._root, tokens)
+        if contexts:
+            digest = xxhash.xxh3_128(digest + b"".join(_U32.pack(len(c)) + c for c in contexts)).digest()
+        return digest, tp_rank, tp_size
+
+    # ------------------------------------------------------------ put
+    def put_layer(
+        self,
+        tokens: Any,
+        layer: int,
+        kv: Any,
+        tp_rank: int = 0,
+        tp_size: int = 1,
+        *,
+        contexts: Sequence[bytes] | None = None,
+    ) -> int:
+        """Store one layer of every full page of ``tokens``; returns the pages written.
+
+        ``kv`` is ``[num_full_pages, shard_bytes]`` (this rank's heads of the
+        layer, canonical head-major layout), any dtype, C-contiguous.  Pages
+        already stored (or being written by an earlier writer) and pages with no
+        room are skipped.  On an error the sequence's put is aborted: start it
+        again from its first layer.
+        """
+        return self.put_layers(tokens, [layer], kv, tp_rank, tp_size, contexts=contexts)
+
+    def put_layers(
+        self,
+        tokens: Any,
+        layers: Sequence[int],
+        kv: Any,
+        tp_rank: int = 0,
+        tp_size: int = 1,
+        *,
+        contexts: Sequence[bytes] | None = None,
+    ) -> int:
+        """:meth:`put_layer` for several layers at once: ``kv`` is ``[len(layers), num_full_pages, shard_bytes]``."""
+        self._check_open()
+        arr = keys.as_token_array(tokens)
+        layout = self.layout
+        layer_list = layout.check_layers(list(layers))
+        if len(set(layer_list)) != len(layer_list):
+            raise KVStoreError(ErrorCode.BAD_RANGE, f"layers repeat: {layer_list}")
+        heads = layout.head_range(tp_rank, tp_size)
+        num_pages = arr.size // layout.page_size
+        shard = layout.shard_bytes(heads)
+        source = byte_view(kv, "kv")
+        check_size(
+            source,
+            len(layer_list) * num_pages * shard,
+            "kv",
+            f"{len(layer_list)} layer(s) x {num_pages} full pages x {shard} bytes per shard "
+            f"of heads {heads[0]}..{heads[1]}",
+        )
+        if contexts is not None and len(contexts) < num_pages:
+            raise KVStoreError(
+                ErrorCode.INVALID_ARGUMENT, f"{len(contexts)} page contexts for {num_pages} pages"
+            )
+        if num_pages == 0:
+            return 0
+        keyed = arr[: num_pages * layout.page_size]
+        page_contexts = list(contexts[:num_pages]) if contexts is not None else None
+        key = self._session_key(keyed, page_contexts, tp_rank, tp_size)
+        session = self._sessions.get_or_open(
+            key, lambda: self._open_put(keyed, num_pages, page_contexts, tp_rank, tp_size, heads)
+        )
+
+        done = False
+        if session.has_work:
+            plan = CopyPlan(layout, layer_list, heads, source, num_pages)
+            try:
+                checksums = self._write(session, plan)
+                response = self._master.call(
+                    "CommitLayer",
+                    pb.CommitLayerRequest(
+                        session_id=session.session_id,
+                        layers=np.asarray(layer_list, dtype="<u2").tobytes(),
+                        checksums=checksums.astype("<u8").tobytes(),
+                    ),
+                )
+            except KVStoreError as exc:
+                self._sessions.drop(key, session)
+                if exc.code is not ErrorCode.SESSION_NOT_FOUND:
+                    self._abort_quietly(session)
+                raise
+            done = response.session_done
+        with session.lock:
+            session.layers_seen.update(layer_list)
+            finished = done or len(session.layers_seen) >= layout.num_layers
+        if finished:
+            self._sessions.drop(key, session)
+        return len(session.new_pages)
+
+    def _open_put(
+        self,
+        tokens: np.ndarray,
+        num_pages: int,
+        contexts: list[bytes] | None,
+        tp_rank: int,
+        tp_size: int,
+        heads: tuple[int, int],
+    ) -> PutSession:
+        request = pb.OpenPutRequest(
+            namespace=self.namespace,
+            keys=self._page_keys(tokens, num_pages, contexts),
+            tp_rank=tp_rank,
+            tp_size=tp_size,
+            client_host=self._host,
+        )
+        response = self._master.call("OpenPut", request)
+        status = np.frombuffer(response.status, dtype=np.uint8)
+        if len(status) != num_pages:
+            raise KVStoreError(
+                ErrorCode.INTERNAL, f"OpenPut answered {len(status)} statuses for {num_pages} pages"
+            )
+        if response.head_end and (response.head_begin, response.head_end) != heads:
+            raise KVStoreError(
+                ErrorCode.INTERNAL,
+                f"master granted heads {response.head_begin}..{response.head_end}, "
+                f"this writer has {heads[0]}..{heads[1]}",
+            )
+        new_pages = np.flatnonzero(status == pb.PAGE_NEW).astype(np.int64)
+        batches: list[NodeBatch] = []
+        if len(new_pages):
+            batches, first_unplaced = node_batches(response.placements, new_pages)
+            if first_unplaced <= int(new_pages[-1]):
+                self._abort_quietly_id(response.session_id)
+                raise KVStoreError(ErrorCode.INTERNAL, f"OpenPut gave new page {first_unplaced} no node")
+        return PutSession(
+            session_id=response.session_id,
+            num_pages=num_pages,
+            new_pages=new_pages,
+            batches=batches,
+            heads=heads,
+            expires_unix_ms=response.expires_unix_ms,
+        )
+
+    def _write(self, session: PutSession, plan: CopyPlan) -> np.ndarray:
+        """Write every new page, node by node; returns the commit checksums, per (layer, new page)."""
+        checksums = np.empty((len(plan.layers), len(session.new_pages)), dtype=np.uint64)
+        for batch in session.batches:
+            transport = self._transports.for_node(batch.node)
+            with transport.in_use():
+                run_hashes = transport.write(batch, plan)
+            columns = np.searchsorted(session.new_pages, batch.pages)
+            checksums[:, columns] = shard_checksums(run_hashes.reshape(-1), plan.runs_per_shard).reshape(
+                len(plan.layers), len(batch)
+            )
+        return checksums.reshape(-1)
+
+    def abort(
+        self, tokens: Any, tp_rank: int = 0, tp_size: int = 1, *, contexts: Sequence[bytes] | None = None
+    ) -> int:
+        """Give up the open put of ``tokens`` (this tp rank): its unfinished pages are freed.  Returns pages freed."""
+        self._check_open()
+        arr = keys.as_token_array(tokens)
+        layout = self.layout
+        num_pages = arr.size // layout.page_size
+        if num_pages == 0:
+            return 0
+        page_contexts = list(contexts[:num_pages]) if contexts is not None else None
+        session = self._sessions.drop(
+            self._session_key(arr[: num_pages * layout.page_size], page_contexts, tp_rank, tp_size)
+        )
+        if session is None or not session.has_work:
+            return 0
+        response = self._master.call("AbortPut", pb.AbortPutRequest(session_id=session.session_id))
+        return int(response.pages_freed)
+
+    def _abort_quietly(self, session: PutSession) -> None:
+        self._abort_quietly_id(session.session_id)
+
+    def _abort_quietly_id(self, session_id: int) -> None:
+        try:
+            self._master.call("AbortPut", pb.AbortPutRequest(session_id=session_id))
+        except KVStoreError as exc:
+            log.debug("abort of put session %d: %s", session_id, exc)
+
+    # ------------------------------------------------------------ get
+    def match_prefix(self, tokens: Any, *, contexts: Sequence[bytes] | None = None) -> int:
+        """How many leading tokens are stored (whole pages); moves no data and takes no lease."""
+        self._check_open()
+        arr = keys.as_token_array(tokens)
+        layout = self.layout
+        num_pages = arr.size // layout.page_size
+        if num_pages == 0:
+            return 0
+        response = self._master.call(
+            "MatchPrefix",
+            pb.MatchPrefixRequest(namespace=self.namespace, keys=self._page_keys(arr, num_pages, contexts)),
+        )
+        return min(int(response.num_pages), num_pages) * layout.page_size
+
+    def acquire_prefix(
+        self, tokens: Any, *, lease_ms: int = 0, contexts: Sequence[bytes] | None = None
+    ) -> Lease:
+        """Match and lease the stored prefix in one call; the lease id works from any process."""
+        self._check_open()
+        arr = keys.as_token_array(tokens)
+        layout = self.layout
+        num_pages = arr.size // layout.page_size
+        if num_pages == 0:
+            return Lease("", 0, 0, 0)
+        response = self._acquire(self._page_keys(arr, num_pages, contexts), lease_ms)
+        count = min(int(response.num_pages), num_pages)
+        return Lease(
+            response.lease_id, count, count * layout.page_size, int(response.expires_unix_ms), response
+        )
+
+    def _acquire(self, page_keys: bytes, lease_ms: int = 0) -> pb.AcquirePrefixResponse:
+        return self._master.call(
+            "AcquirePrefix",
+            pb.AcquirePrefixRequest(
+                namespace=self.namespace,
+                keys=page_keys,
+                lease_ms=lease_ms,
+                client_host=self._host,
+            ),
+        )
+
+    def release(self, lease: LeaseRef) -> bool:
+        """End a read lease (a Lease or a lease id from any process); False if it was already gone."""
+        self._check_open()
+        lease_id = lease.lease_id if isinstance(lease, Lease) else str(lease)
+        if not lease_id:
+            return False
+        try:
+            response = self._master.call("ReleaseLease", pb.ReleaseLeaseRequest(lease_id=lease_id))
+        except KVStoreError as exc:
+            if exc.code is ErrorCode.LEASE_NOT_FOUND:
+                return False
+            raise
+        return bool(response.released)
+
+    def get_prefix(
+        self,
+        tokens: Any,
+        layers: Sequence[int] | None = None,
+        heads: tuple[int, int] | None = None,
+        out: Any = None,
+        *,
+        lease: LeaseRef | None = None,
+        contexts: Sequence[bytes] | None = None,
+    ) -> PrefixHit:
+        """Read the stored prefix of ``tokens``: ``layers`` (default all) and ``heads`` (default all).
+
+        ``out``, if given, is ``[len(layers), num_full_pages, shard_bytes]``
+        bytes (any dtype, writable, C-contiguous) and the hit's data is a view
+        of it.  With ``lease`` (from :meth:`acquire_prefix`, here or in another
+        process) the leased pages are read and the lease is left to its owner;
+        otherwise a lease is taken and released around the read.  A page that
+        vanished or changed during the read ends the hit there.
+        """
+        self._check_open()
+        arr = keys.as_token_array(tokens)
+        layout = self.layout
+        layer_list = layout.check_layers(None if layers is None else list(layers))
+        head_range = layout.check_heads(heads)
+        num_pages = arr.size // layout.page_size
+        shard = layout.shard_bytes(head_range)
+        total = len(layer_list) * num_pages * shard
+        if out is None:
+            buffer = np.empty(total, dtype=np.uint8)
+        else:
+            buffer = byte_view(out, "out", writable=True)
+            check_size(
+                buffer,
+                total,
+                "out",
+                f"{len(layer_list)} layer(s) x {num_pages} full pages x {shard} bytes "
+                f"per shard of heads {head_range[0]}..{head_range[1]}",
+            )
+        data = buffer.reshape(len(layer_list), num_pages, shard)
+        if num_pages == 0:
+            return PrefixHit(0, 0, layer_list, head_range, data)
+
+        page_keys = self._page_keys(arr, num_pages, contexts)
+        if lease is None:
+            response = self._acquire(page_keys)
+            count, owned = int(response.num_pages), response.lease_id
+        else:
+            response = self._describe(lease)
+            count, owned = (
+                _common_prefix(response.keys[: int(response.num_pages) * keys.KEY_BYTES], page_keys),
+                "",
+            )
+        try:
+            plan = CopyPlan(layout, layer_list, head_range, buffer, num_pages)
+            found = self._read(response.placements, min(count, num_pages), plan)
+        finally:
+            if owned:
+                self._release_quietly(owned)
+        return PrefixHit(found, found * layout.page_size, layer_list, head_range, data[:, :found])
+
+    def _describe(self, lease: LeaseRef) -> pb.AcquirePrefixResponse:
+        if isinstance(lease, Lease):
+            if lease._response is not None:
+                return lease._response
+            lease = lease.lease_id
+        if not lease:
+            return pb.AcquirePrefixResponse()
+        response: pb.AcquirePrefixResponse = self._master.call(
+            "DescribeLease", pb.DescribeLeaseRequest(lease_id=str(lease))
+        )
+        return response
+
+    def _release_quietly(self, lease_id: str) -> None:
+        try:
+            self._master.call("ReleaseLease", pb.ReleaseLeaseRequest(lease_id=lease_id))
+        except KVStoreError as exc:
+            # It expires on its own; the read itself succeeded.
+            log.info("release of lease %s failed: %s", lease_id, exc)
+
+    def _read(self, placements: pb.Placements, count: int, plan: CopyPlan) -> int:
+        """Read pages [0, count) into the plan's buffer; returns how many leading pages are good."""
+        if count <= 0:
+            return 0
+        batches, found = node_batches(placements, np.arange(count, dtype=np.int64))
+        for batch in batches:
+            if int(batch.pages[0]) >= found:
+                continue  # everything it holds lies past a miss already
+            try:
+                transport = self._transports.for_node(batch.node)
+                with transport.in_use():
+                    intact = transport.read(batch, plan)
+            except (KVStoreError, OSError) as exc:
+                log.info(
+                    "read from node %s failed, counting its pages as misses: %s", batch.node.node_id, exc
+                )
+                intact = 0
+            if intact < len(batch):
+                found = min(found, int(batch.pages[intact]))
+        return found
+
+    # ------------------------------------------------------------ extras
+    def put_extra(self, tokens: Any, name: str, data: Any) -> None:
+        """Store a small named blob for the whole sequence (tail included)."""
+        self._check_open()
+        digest = self._sequence_digest(tokens)
+        if not name:
+            raise KVStoreError(ErrorCode.INVALID_ARGUMENT, "extra name must not be empty")
+        blob = byte_view(data, "extra data").tobytes()
+        self._master.call(
+            "PutExtra",
+            pb.PutExtraRequest(namespace=self.namespace, sequence_digest=digest, name=name, data=blob),
+        )
+
+    def get_extra(self, tokens: Any, name: str) -> bytes | None:
+        """The blob stored under ``name`` for exactly this sequence, or None."""
+        self._check_open()
+        digest = self._sequence_digest(tokens)
+        if not name:
+            raise KVStoreError(ErrorCode.INVALID_ARGUMENT, "extra name must not be empty")
+        try:
+            response = self._master.call(
+                "GetExtra", pb.GetExtraRequest(namespace=self.namespace, sequence_digest=digest, name=name)
+            )
+        except KVStoreError as exc:
+            if exc.code is ErrorCode.EXTRA_NOT_FOUND:
+                return None
+            raise
+        return bytes(response.data)
+
+    def _sequence_digest(self, tokens: Any) -> bytes:
+        arr = keys.as_token_array(tokens)
+        _ = self.layout  # the root depends on the namespace's salt
+        return keys.sequence_digest(self._root, arr)

@@ -1,0 +1,104 @@
+"""Put sessions cached between the put_layer calls of one sequence.
+
+The first put_layer of a (token sequence, tp_rank, tp_size) opens a session on
+the master; later layers reuse it.  The cache is a bounded LRU; a session
+leaves it when the master says it is done, on abort, on error or on close.
+Two threads asking for the same key open it once (the second waits).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from kvstore.transports.base import NodeBatch
+
+log = logging.getLogger("kvstore.client")
+
+SessionKey = tuple[bytes, int, int]  # (digest of the keyed tokens and contexts, tp_rank, tp_size)
+
+
+@dataclass
+class PutSession:
+    session_id: int
+    num_pages: int
+    new_pages: np.ndarray  # int64 page positions this writer writes, ascending
+    batches: list[NodeBatch]  # the new pages grouped by node
+    heads: tuple[int, int]
+    expires_unix_ms: int
+    layers_seen: set[int] = field(default_factory=set)
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def has_work(self) -> bool:
+        return len(self.new_pages) > 0
+
+
+class SessionCache:
+    def __init__(self, capacity: int = 512) -> None:
+        self._capacity = capacity
+        self._sessions: OrderedDict[SessionKey, PutSession] = OrderedDict()
+        self._opening: dict[SessionKey, threading.Event] = {}
+        self._lock = threading.Lock()
+
+    def get_or_open(self, key: SessionKey, opener: Callable[[], PutSession]) -> PutSession:
+        """The cached session for ``key``, or a new one from ``opener``.
+
+        A session pushed out of the LRU is only forgotten, not aborted: its
+        writer may still be at work, and the master expires it if not.
+        """
+        while True:
+            with self._lock:
+                session = self._sessions.get(key)
+                if session is not None:
+                    self._sessions.move_to_end(key)
+                    return session
+                pending = self._opening.get(key)
+                if pending is None:
+                    pending = self._opening[key] = threading.Event()
+                    break
+            pending.wait()  # someone else is opening it; look again
+        try:
+            session = opener()
+        except BaseException:
+            with self._lock:
+                del self._opening[key]
+            pending.set()
+            raise
+        with self._lock:
+            del self._opening[key]
+            self._sessions[key] = session
+            while len(self._sessions) > self._capacity:
+                _, old = self._sessions.popitem(last=False)
+                log.debug(
+                    "put session %d left the cache unfinished (capacity %d)", old.session_id, self._capacity
+                )
+        pending.set()
+        return session
+
+    def get(self, key: SessionKey) -> PutSession | None:
+        with self._lock:
+            return self._sessions.get(key)
+
+    def drop(self, key: SessionKey, session: PutSession | None = None) -> PutSession | None:
+        """Forget ``key`` (only if it still maps to ``session``, when given)."""
+        with self._lock:
+            current = self._sessions.get(key)
+            if current is None or (session is not None and current is not session):
+                return None
+            return self._sessions.pop(key)
+
+    def drain(self) -> list[PutSession]:
+        with self._lock:
+            sessions = list(self._sessions.values())
+            self._sessions.clear()
+            return sessions
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._sessions)

@@ -1,0 +1,53 @@
+"""What the client hands back: prefix hits and read leases."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from kvstore._proto import kvstore_pb2 as pb
+
+
+@dataclass(frozen=True)
+class PrefixHit:
+    """The leading pages of a sequence that were found and read.
+
+    ``data`` is ``[len(layers), num_pages, shard_bytes]`` uint8: a view of the
+    caller's ``out`` (its first ``num_pages`` pages) or of a fresh array.
+    """
+
+    num_pages: int
+    num_tokens: int
+    layers: list[int]
+    heads: tuple[int, int]
+    data: np.ndarray
+    _layer_index: dict[int, int] = field(default_factory=dict, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self._layer_index.update({layer: i for i, layer in enumerate(self.layers)})
+
+    def layer(self, layer: int) -> np.ndarray:
+        """``[num_pages, shard_bytes]`` of namespace layer ``layer`` (as numbered in the namespace)."""
+        try:
+            return self.data[self._layer_index[layer]]
+        except KeyError:
+            raise KeyError(f"layer {layer} was not read (read: {self.layers})") from None
+
+    def __bool__(self) -> bool:
+        return self.num_pages > 0
+
+
+@dataclass(frozen=True)
+class Lease:
+    """A read lease on matched pages: usable from any process by ``lease_id`` until released or expired."""
+
+    lease_id: str
+    num_pages: int
+    num_tokens: int
+    expires_unix_ms: int
+    # The master's answer, so that get_prefix in this process needs no DescribeLease.
+    _response: pb.AcquirePrefixResponse | None = field(default=None, repr=False, compare=False)
+
+    def __str__(self) -> str:
+        return self.lease_id

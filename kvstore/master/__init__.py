@@ -1,0 +1,5 @@
+"""The kvstore master: index, allocation, leases, eviction and the control-plane RPCs."""
+
+from kvstore.master.core import Master
+
+__all__ = ["Master"]

@@ -1,0 +1,902 @@
+"""The master's state and logic, free of gRPC so it can be tested directly.
+
+:class:`Master` ties the parts together: namespaces (cached, stored through the
+metadata backend), the page index, one allocator per node region, put sessions,
+read leases, eviction, extras and the ordered slot-update queues to the nodes.
+Every method runs on the event loop and never blocks; the only awaits are the
+metadata backend, node RPCs and the assignment flush before OpenPut answers.
+Bulk work is vectorised over index columns, and the background sweep touches
+only what is due (heaps) or a bounded batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from kvstore import grants, keys
+from kvstore._proto import kvstore_pb2 as pb
+from kvstore.config import Config
+from kvstore.errors import ErrorCode, KVStoreError
+from kvstore.layout import Layout
+from kvstore.master.allocator import RegionAllocator
+from kvstore.master.eviction import EvictionPolicy, LruLeavesFirst
+from kvstore.master.extras import ExtrasStore
+from kvstore.master.index import COMPLETE, DOOMED, FREE, ORPHAN, PENDING, ROOT, PageIndex
+from kvstore.master.leases import LeaseTable, ReadLease
+from kvstore.master.nodes import NO_NODE, NodeRecord, NodeRegistry
+from kvstore.master.notifier import Notifier, Sender
+from kvstore.master.placement import HostThenMostFree, NodeCandidate, PlacementStrategy
+from kvstore.master.sessions import PutSession, SessionTable
+from kvstore.metadata.base import Leadership, MetadataBackend
+
+log = logging.getLogger("kvstore.master")
+
+KEY = keys.KEY_BYTES
+MAX_BLOB_FIELD = 1024  # fingerprint / salt bytes
+MAX_NAMESPACES = 1 << 16
+SWEEP_INTERVAL_S = 0.1
+NODE_RPC_TIMEOUT_S = 5.0
+INVENTORY_TIMEOUT_S = 2.0
+EVICT_BATCH = 1024  # victims per eviction pass
+EVICT_PASSES_ON_DEMAND = 4
+EVICT_PASSES_PER_TICK = 2
+ADMIN_FREE_CHUNK = 65_536  # rows freed between yields to the event loop
+
+Clock = Callable[[], float]
+
+
+@dataclass
+class Namespace:
+    ns_id: int
+    spec: pb.NamespaceSpec
+    layout: Layout
+    root: bytes
+    allocated_bytes: int = 0  # slot bytes of its live rows (quota accounting)
+    deleted: bool = False
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+
+def _spec_layout(spec: pb.NamespaceSpec) -> Layout:
+    geometry = spec.geometry if spec.HasField("geometry") else None
+    return Layout.build(
+        spec.name,
+        spec.page_size,
+        spec.num_layers,
+        spec.segment_bytes,
+        kind=geometry.kind if geometry else "",
+        kv_heads=geometry.kv_heads if geometry else 0,
+        head_dim=geometry.head_dim if geometry else 0,
+        dtype=geometry.dtype if geometry else "",
+    )
+
+
+def _mismatch(stored: pb.NamespaceSpec, wanted: pb.NamespaceSpec) -> str:
+    """Why two specs are not the same namespace ('' if they are; the quota may differ)."""
+    for name in ("page_size", "num_layers", "segment_bytes", "fingerprint", "salt"):
+        if getattr(stored, name) != getattr(wanted, name):
+            return name
+    if stored.HasField("geometry") != wanted.HasField("geometry") or stored.geometry != wanted.geometry:
+        return "geometry"
+    return ""
+
+
+def _unique_in_order(values: np.ndarray) -> list[int]:
+    uniq, first = np.unique(values, return_index=True)
+    return [int(v) for v in uniq[np.argsort(first)]]
+
+
+class Master:
+    """The leader's in-memory state and every operation on it."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        metadata: MetadataBackend,
+        clock: Clock = time.time,
+        placement: PlacementStrategy | None = None,
+        eviction: EvictionPolicy | None = None,
+        sender: Sender | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.metadata = metadata
+        self.clock = clock
+        self.index = PageIndex()
+        self.nodes = NodeRegistry(
+            node_ttl_s=cfg.node_ttl_ms / 1000.0,
+            rpc_timeout_s=min(NODE_RPC_TIMEOUT_S, max(0.5, cfg.node_ttl_ms / 1000.0)),
+            max_message_bytes=cfg.max_message_bytes,
+            clock=clock,
+        )
+        self.sessions = SessionTable(self.index)
+        self.leases = LeaseTable(self.index)
+        self.extras = ExtrasStore(cfg.extras_budget)
+        self.placement = placement or HostThenMostFree()
+        self.eviction = eviction or LruLeavesFirst()
+        self.notifier = Notifier(
+            sender or self.nodes.send_updates,
+            term=lambda: self.term,
+            on_failure=self._node_failing,
+            clock=clock,
+        )
+        self.namespaces: dict[str, Namespace] = {}
+        self._by_ns_id: dict[int, Namespace] = {}
+        self._free_ns_ids = list(range(MAX_NAMESPACES - 1, -1, -1))
+        self.leadership = Leadership(term=0, leader_address="")
+        self.grant_secret = b""
+        self.secret_configured = False
+        self.hits = 0
+        self.lookups = 0
+        self._tasks: list[asyncio.Task[None]] = []
+
+    # ------------------------------------------------------------------ life cycle
+    @property
+    def term(self) -> int:
+        return self.leadership.term
+
+    async def start(self, address: str, background: bool = True) -> None:
+        """Lead (campaign), load the grant secret and namespaces, start the background work."""
+        self.leadership = await self.metadata.campaign(address)
+        if self.cfg.grant_secret:
+            try:
+                self.grant_secret = bytes.fromhex(self.cfg.grant_secret)
+            except ValueError as exc:
+                raise KVStoreError(ErrorCode.INVALID_ARGUMENT, "grant_secret must be hex") from exc
+            if not self.grant_secret:
+                raise KVStoreError(ErrorCode.INVALID_ARGUMENT, "grant_secret is empty")
+            self.secret_configured = True
+        else:
+            self.grant_secret = await self.metadata.get_or_create("grant_secret", os.urandom(32))
+        for raw in (await self.metadata.list_namespaces()).values():
+            spec = pb.NamespaceSpec.FromString(raw)
+            self._register_namespace(spec, _spec_layout(spec))
+        if background:
+            self.notifier.start()
+            self._tasks.append(
+                asyncio.get_running_loop().create_task(self._sweeper(), name="kvstore-sweeper")
+            )
+        log.info("leading with term %d at %s", self.term, address)
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks.clear()
+        await self.notifier.stop()
+        await self.nodes.close()
+
+    # ------------------------------------------------------------------ namespaces
+    def _register_namespace(self, spec: pb.NamespaceSpec, layout: Layout) -> Namespace:
+        existing = self.namespaces.get(spec.name)
+        if existing is not None:
+            return existing
+        if not self._free_ns_ids:
+            raise KVStoreError(ErrorCode.TOO_LARGE, f"more than {MAX_NAMESPACES} namespaces")
+        ns = Namespace(self._free_ns_ids.pop(), spec, layout, keys.namespace_root(spec.name, spec.salt))
+        self.index.add_namespace(ns.ns_id, layout.slot_bytes, layout.num_layers, layout.kv_heads)
+        self.namespaces[spec.name] = ns
+        self._by_ns_id[ns.ns_id] = ns
+        return ns
+
+    async def create_namespace(self, spec: pb.NamespaceSpec) -> tuple[pb.NamespaceSpec, bool]:
+        if len(spec.fingerprint) > MAX_BLOB_FIELD or len(spec.salt) > MAX_BLOB_FIELD:
+            raise KVStoreError(
+                ErrorCode.INVALID_ARGUMENT, f"fingerprint and salt are limited to {MAX_BLOB_FIELD} bytes"
+            )
+        layout = _spec_layout(spec)
+        stored = pb.NamespaceSpec(
+            name=spec.name,
+            page_size=layout.page_size,
+            num_layers=layout.num_layers,
+            segment_bytes=layout.segment_bytes,
+            fingerprint=spec.fingerprint,
+            salt=spec.salt,
+            quota_bytes=spec.quota_bytes,
+        )
+        if layout.kind:
+            stored.geometry.CopyFrom(
+                pb.Geometry(
+                    kind=layout.kind, kv_heads=layout.kv_heads, head_dim=layout.head_dim, dtype=layout.dtype
+                )
+            )
+        existing_raw = await self.metadata.put_namespace_if_absent(spec.name, stored.SerializeToString())
+        if existing_raw is None:
+            self._register_namespace(stored, layout)
+            log.info("namespace %s created: %d-byte slots", spec.name, layout.slot_bytes)
+            return stored, True
+        existing = pb.NamespaceSpec.FromString(existing_raw)
+        differs = _mismatch(existing, stored)
+        if differs:
+            raise KVStoreError(
+                ErrorCode.NAMESPACE_MISMATCH,
+                f"namespace {spec.name!r} exists with a different {differs}; delete it first or use another name",
+            )
+        self._register_namespace(existing, _spec_layout(existing))
+        return existing, False
+
+    async def namespace(self, name: str) -> Namespace:
+        ns = self.namespaces.get(name)
+        if ns is not None:
+            return ns
+        raw = await self.metadata.get_namespace(name) if name else None
+        if raw is None:
+            raise KVStoreError(ErrorCode.NAMESPACE_NOT_FOUND, f"namespace {name!r} is not registered")
+        spec = pb.NamespaceSpec.FromString(raw)
+        return self._register_namespace(spec, _spec_layout(spec))
+
+    async def list_namespaces(self) -> list[pb.NamespaceSpec]:
+        stored = await self.metadata.list_namespaces()
+        return [pb.NamespaceSpec.FromString(stored[name]) for name in sorted(stored)]
+
+    async def delete_namespace(self, name: str) -> int:
+        """Drop a namespace: its pages become unmatchable now; leased ones are freed when their leases end."""
+        ns = await self.namespace(name)
+        await self.metadata.delete_namespace(name)
+        if self.namespaces.get(name) is not ns:
+            return 0  # deleted concurrently
+        del self.namespaces[name]
+        ns.deleted = True
+        self.index.drop_namespace_table(ns.ns_id)
+        self.sessions.drop_namespace(ns.ns_id)
+        self.extras.drop_namespace(name)
+        high = self.index.high
+        rows = np.flatnonzero((self.index.ns[:high] == ns.ns_id) & (self.index.state[:high] != FREE))
+        leased = rows[self.index.lease_count[rows] > 0]
+        self.index.state[leased] = DOOMED
+        freed = await self._free_in_chunks(rows[self.index.lease_count[rows] == 0])
+        self._retire_namespace_if_empty(ns)
+        log.info("namespace %s deleted: %d pages freed, %d held by leases", name, freed, len(leased))
+        return freed
+
+    def _retire_namespace_if_empty(self, ns: Namespace) -> None:
+        if ns.deleted and self.index.ns_rows[ns.ns_id] == 0 and self._by_ns_id.get(ns.ns_id) is ns:
+            del self._by_ns_id[ns.ns_id]
+            self.index.forget_namespace(ns.ns_id)
+            self._free_ns_ids.append(ns.ns_id)
+
+    # ------------------------------------------------------------------ nodes
+    async def register_node(self, request: pb.RegisterNodeRequest) -> pb.RegisterNodeResponse:
+        if not request.node_id or len(request.node_id) > 256:
+            raise KVStoreError(ErrorCode.INVALID_ARGUMENT, "node_id must be 1-256 characters")
+        if len(request.incarnation) != 16:
+            raise KVStoreError(ErrorCode.INVALID_ARGUMENT, "incarnation must be 16 bytes")
+        if not request.control_address or not request.data_address:
+            raise KVStoreError(ErrorCode.INVALID_ARGUMENT, "control_address and data_address are required")
+        capacity = request.regions[0].capacity_bytes if request.regions else 0
+        if capacity < 4096:
+            raise KVStoreError(ErrorCode.INVALID_ARGUMENT, "a node needs a region of at least 4 KiB")
+        response = pb.RegisterNodeResponse(
+            term=self.term,
+            heartbeat_ms=self.cfg.heartbeat_ms,
+            grant_secret=b"" if self.secret_configured else self.grant_secret,
+        )
+        existing = self.nodes.get(request.node_id)
+        if existing is not None and existing.incarnation == request.incarnation and existing.alive:
+            existing.last_heartbeat = self.clock()  # a retried registration
+            return response
+        if existing is not None:
+            log.warning("node %s restarted: dropping the pages of its previous incarnation", request.node_id)
+            self._drop_node(existing)
+        floor = 0
+        departed = self.nodes.departed.get(request.node_id)
+        if departed is not None and departed.incarnation == request.incarnation:
+            # the same pool came back: its slots must not see a generation it has seen before
+            floor = int(departed.allocator.generations.max()) + 1
+        # Only the first region (DRAM today) is allocated from; more tiers come with tier moves.
+        allocator = RegionAllocator(capacity, self.cfg.arena_bytes, self.cfg.quarantine_s, self.clock, floor)
+        record = self.nodes.add(request, allocator)
+        record.ready = False  # not placed on until its old inventory is accounted for
+        try:
+            await self._adopt_inventory(record)
+        finally:
+            record.ready = True
+            record.last_heartbeat = self.clock()
+        log.info(
+            "node %s registered (index %d, host %s, %d bytes)",
+            record.node_id,
+            record.index,
+            record.host_id,
+            capacity,
+        )
+        return response
+
+    async def _adopt_inventory(self, record: NodeRecord) -> None:
+        """Free whatever the node still holds from before (this master has no index entry for it).
+
+        A new leader would rebuild its index from inventories (failover); until
+        then, the safe course is to free those slots with generations above any
+        the node has used, so no old grant can match a new assignment.
+        """
+        try:
+            inventory = await asyncio.wait_for(self.nodes.inventory(record), INVENTORY_TIMEOUT_S)
+        except Exception as exc:  # noqa: BLE001 - a node without inventory support, or slow: go on
+            log.info("no inventory from node %s (%s); assuming an empty pool", record.node_id, exc)
+            return
+        slots = np.frombuffer(inventory.slots.assign_slots, dtype="<u8")
+        gens = np.frombuffer(inventory.slots.assign_generations, dtype="<u4")
+        if not len(slots):
+            return
+        allocator = record.allocator
+        floor = max(int(gens.max()) + 1, int(allocator.generations.max()))
+        allocator.generations[:] = np.maximum(allocator.generations, floor)
+        self.notifier.enqueue_free(record.index, slots, np.full(len(slots), floor, dtype=np.uint32))
+        log.warning("node %s held %d slots from before; freeing them", record.node_id, len(slots))
+
+    def heartbeat(self, node_id: str, incarnation: bytes) -> bool:
+        return self.nodes.heartbeat(node_id, incarnation)
+
+    def _node_failing(self, node: int, since: float) -> None:
+        record = self.nodes.by_index.get(node)
+        if record is not None and self.clock() - since >= self.nodes.node_ttl_s:
+            log.warning(
+                "node %s unreachable for %.1f s: declaring it dead", record.node_id, self.clock() - since
+            )
+            self._drop_node(record)
+
+    def _drop_node(self, record: NodeRecord) -> int:
+        """A node incarnation is gone: every page it held goes (reads become misses), children become orphans."""
+        high = self.index.high
+        rows = np.flatnonzero((self.index.node[:high] == record.index) & (self.index.state[:high] != FREE))
+        self._forget_rows(rows)
+        self.notifier.drop(record.index)
+        self.nodes.remove(record)
+        log.warning("node %s (index %d) removed with %d pages", record.node_id, record.index, len(rows))
+        return len(rows)
+
+    # ------------------------------------------------------------------ freeing
+    def _free_rows(self, rows: np.ndarray, evicted: bool = False) -> int:
+        """Free pages: slot generations bumped, nodes told, slots quarantined, rows recycled."""
+        index = self.index
+        rows = np.unique(np.asarray(rows, dtype=np.int64))
+        rows = rows[index.state[rows] != FREE]
+        if not len(rows):
+            return 0
+        node_of = index.node[rows]
+        for node in np.unique(node_of).tolist():
+            sel = rows[node_of == node]
+            record = self.nodes.by_index.get(node)
+            if record is None:
+                continue  # the node is gone and its slots with it
+            slots = index.slot[sel]
+            generations = record.allocator.free(slots)
+            self.notifier.enqueue_free(node, slots, generations)
+            if evicted:
+                record.evictions += len(sel)
+        self._forget_rows(rows)
+        return len(rows)
+
+    def _forget_rows(self, rows: np.ndarray) -> None:
+        """Index side of a free (slots already dealt with): unlink from the tree, account, recycle."""
+        index = self.index
+        if not len(rows):
+            return
+        index.unlink(rows)
+        ns_of = index.ns[rows]
+        for ns_id in np.unique(ns_of).tolist():
+            ns = self._by_ns_id.get(ns_id)
+            if ns is not None:
+                ns.allocated_bytes -= int(np.count_nonzero(ns_of == ns_id)) * ns.layout.slot_bytes
+        index.release(rows)
+        for ns_id in np.unique(ns_of).tolist():
+            ns = self._by_ns_id.get(ns_id)
+            if ns is not None and ns.deleted:
+                self._retire_namespace_if_empty(ns)
+
+    async def _free_in_chunks(self, rows: np.ndarray, evicted: bool = False) -> int:
+        freed = 0
+        for start in range(0, len(rows), ADMIN_FREE_CHUNK):
+            freed += self._free_rows(rows[start : start + ADMIN_FREE_CHUNK], evicted=evicted)
+            await asyncio.sleep(0)  # let other requests in between chunks
+        return freed
+
+    # ------------------------------------------------------------------ eviction
+    def evict(
+        self,
+        need_bytes: int,
+        node: int | None = None,
+        namespace: int | None = None,
+        exclude: np.ndarray | None = None,
+        passes: int = EVICT_PASSES_ON_DEMAND,
+    ) -> int:
+        """Evict towards ``need_bytes`` in bounded passes (a freed leaf can make its parent a leaf)."""
+        freed_bytes = 0
+        for _ in range(passes):
+            if freed_bytes >= need_bytes:
+                break
+            victims = self.eviction.select(
+                self.index,
+                need_bytes - freed_bytes,
+                self.clock(),
+                node=node,
+                namespace=namespace,
+                exclude=exclude,
+                max_victims=EVICT_BATCH,
+            )
+            if not len(victims):
+                break
+            freed_bytes += int(self.index.row_bytes(victims).sum())
+            self._free_rows(victims, evicted=True)
+        return freed_bytes
+
+    def _watermark_eviction(self) -> None:
+        """Background: a region fuller than the high watermark evicts towards the low one, a batch per tick."""
+        for record in list(self.nodes.by_index.values()):
+            allocator = record.allocator
+            if not record.alive or allocator.used_fraction <= self.cfg.high_watermark:
+                continue
+            # quarantined bytes come back by themselves: only what is allocated needs evicting
+            need = allocator.allocated_bytes - int(self.cfg.low_watermark * allocator.capacity)
+            if need > 0:
+                self.evict(need, node=record.index, passes=EVICT_PASSES_PER_TICK)
+
+    # ------------------------------------------------------------------ put path
+    def _lease_s(self, requested_ms: int, default_ms: int) -> float:
+        ms = default_ms if requested_ms <= 0 else requested_ms
+        return min(ms, self.cfg.max_lease_ms) / 1000.0
+
+    def _candidates(self) -> list[NodeCandidate]:
+        return [
+            NodeCandidate(r.index, r.node_id, r.host_id, r.allocator.free_bytes, r.allocator.capacity)
+            for r in self.nodes.by_index.values()
+            if r.alive and r.ready and not self.notifier.failing(r.index)
+        ]
+
+    def _allocate(
+        self, slot_bytes: int, count: int, writer_host: str, reader_host: str, exclude: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Up to ``count`` slots in placement order: (node index u16, slot offsets u64, generations u32)."""
+        order = self.placement.order(self._candidates(), writer_host, reader_host)
+        nodes: list[np.ndarray] = []
+        slots: list[np.ndarray] = []
+        gens: list[np.ndarray] = []
+
+        def fill(remaining: int) -> int:
+            for node in order:
+                if remaining <= 0:
+                    break
+                got_slots, got_gens = self.nodes.by_index[node].allocator.allocate(slot_bytes, remaining)
+                if len(got_slots):
+                    nodes.append(np.full(len(got_slots), node, dtype=np.uint16))
+                    slots.append(got_slots)
+                    gens.append(got_gens)
+                    remaining -= len(got_slots)
+            return remaining
+
+        remaining = fill(count)
+        if remaining > 0 and order:
+            preferred = self.nodes.by_index[order[0]].allocator
+            # bytes already in quarantine come back soon: evicting for them too would over-evict
+            need = remaining * slot_bytes - preferred.quarantined_bytes
+            if need > 0 and self.evict(need, node=order[0], exclude=exclude) > 0:
+                fill(remaining)
+        if not slots:
+            return np.zeros(0, np.uint16), np.zeros(0, np.uint64), np.zeros(0, np.uint32)
+        return np.concatenate(nodes), np.concatenate(slots), np.concatenate(gens)
+
+    def _quota_pages(self, ns: Namespace, wanted: int, exclude: np.ndarray) -> int:
+        """How many new pages the namespace quota allows (evicting its own LRU leaves first)."""
+        quota = ns.spec.quota_bytes
+        if not quota or wanted == 0:
+            return wanted
+        slot_bytes = ns.layout.slot_bytes
+        over = ns.allocated_bytes + wanted * slot_bytes - quota
+        if over > 0:
+            self.evict(over, namespace=ns.ns_id, exclude=exclude)
+        return max(0, min(wanted, (quota - ns.allocated_bytes) // slot_bytes))
+
+    async def open_put(
+        self,
+        namespace: str,
+        packed_keys: bytes,
+        parent_key: bytes = b"",
+        tp_rank: int = 0,
+        tp_size: int = 1,
+        client_host: str = "",
+        reader_host: str = "",
+        lease_ms: int = 0,
+    ) -> pb.OpenPutResponse:
+        ns = await self.namespace(namespace)
+        layout = ns.layout
+        heads = layout.head_range(tp_rank, tp_size)
+        count = len(packed_keys) // KEY
+        if len(set(packed_keys[i : i + KEY] for i in range(0, len(packed_keys), KEY))) != count:
+            raise KVStoreError(ErrorCode.BAD_KEYS, "duplicate page keys in one request")
+        index = self.index
+        now = self.clock()
+        expires = now + self._lease_s(lease_ms, self.cfg.write_lease_ms)
+
+        parent_row = ROOT
+        if parent_key and parent_key != ns.root:
+            parent_row = int(index.lookup(ns.ns_id, parent_key)[0])
+            if parent_row < 0 or index.state[parent_row] not in (PENDING, COMPLETE):
+                raise KVStoreError(
+                    ErrorCode.INVALID_ARGUMENT,
+                    "parent_key names a page that is not stored (evicted?): put the sequence from its first page",
+                )
+        rows = index.lookup(ns.ns_id, packed_keys)
+        present = rows[rows >= 0]
+        exclude = np.append(present, parent_row) if parent_row >= 0 else present
+
+        # -- slots for absent pages, in page order; the first that gets none ends the request
+        absent_pos = np.flatnonzero(rows < 0)
+        allowed = self._quota_pages(ns, len(absent_pos), exclude)
+        node_of_new, slot_of_new, gen_of_new = self._allocate(
+            layout.slot_bytes, allowed, client_host, reader_host, exclude
+        )
+        got = len(slot_of_new)
+        cutoff = int(absent_pos[got]) if got < len(absent_pos) else count
+        new_pos = absent_pos[:got]
+        new_rows = index.alloc(got)
+        new_keys = b"".join(packed_keys[p * KEY : (p + 1) * KEY] for p in new_pos.tolist())
+        index.insert(ns.ns_id, new_rows, new_keys, node_of_new, slot_of_new, gen_of_new, now)
+        ns.allocated_bytes += got * layout.slot_bytes
+        rows = rows.copy()
+        rows[new_pos] = new_rows
+
+        # -- parent links of the pages this request covers
+        kept = rows[:cutoff]
+        expected_parent = np.empty(cutoff, dtype=np.int64)
+        if cutoff:
+            expected_parent[0] = parent_row
+            expected_parent[1:] = kept[:-1]
+        index.parent[new_rows] = expected_parent[new_pos]
+        relink = (index.parent[kept] == ORPHAN) & (expected_parent != ORPHAN)
+        index.parent[kept[relink]] = expected_parent[relink]
+        gained = np.concatenate((expected_parent[new_pos], expected_parent[relink]))
+        gained = gained[gained >= 0]
+        if len(gained):
+            np.add.at(index.child_count, gained, 1)
+
+        # -- status per page
+        status = np.full(count, pb.PAGE_NO_ROOM, dtype=np.uint8)
+        status[:cutoff] = pb.PAGE_ALREADY_STORED
+        status[new_pos] = pb.PAGE_NEW
+        shared_pos = np.flatnonzero(index.state[kept] == PENDING)
+        shared_pos = shared_pos[~np.isin(shared_pos, new_pos)]
+        if len(shared_pos):
+            pending = index.pending[ns.ns_id]
+            free_heads = pending.available(index.pend[kept[shared_pos]], heads)
+            status[shared_pos[free_heads]] = pb.PAGE_NEW
+        writer_pos = np.flatnonzero(status == pb.PAGE_NEW)
+        writer_rows = rows[writer_pos]
+        session = self.sessions.open(ns.ns_id, ns.name, writer_rows, heads, layout.num_layers, expires)
+
+        # -- tell the nodes about the new slots before anyone writes to them
+        parents = np.zeros((count, KEY), dtype=np.uint8)
+        all_keys = np.frombuffer(packed_keys, dtype=np.uint8).reshape(count, KEY)
+        parents[1:] = all_keys[:-1]
+        if parent_row >= 0:
+            parents[0] = np.frombuffer(parent_key, dtype=np.uint8)
+        touched = _unique_in_order(node_of_new) if got else []
+        for node in touched:
+            sel = node_of_new == node
+            self.notifier.enqueue_assign(
+                node,
+                ns.name,
+                slot_of_new[sel],
+                gen_of_new[sel],
+                all_keys[new_pos[sel]].tobytes(),
+                parents[new_pos[sel]].tobytes(),
+                layout.slot_bytes,
+            )
+        results = await asyncio.gather(*(self.notifier.flush(node) for node in touched))
+        if not all(results):
+            freed = self.sessions.abort(session.session_id)
+            if freed is not None:
+                self._free_rows(freed)
+            raise KVStoreError(
+                ErrorCode.UNAVAILABLE, "a storage node did not acknowledge its new slots; try again"
+            )
+
+        placement_rows = np.full(count, -1, dtype=np.int64)
+        placement_rows[writer_pos] = writer_rows
+        return pb.OpenPutResponse(
+            session_id=session.session_id,
+            status=status.tobytes(),
+            placements=self._placements(placement_rows, layout.slot_bytes, grants.WRITE, expires),
+            head_begin=heads[0],
+            head_end=heads[1],
+            expires_unix_ms=int(expires * 1000),
+            term=self.term,
+        )
+
+    def _session(self, session_id: int) -> tuple[PutSession, Namespace]:
+        session = self.sessions.get(session_id, self.clock())
+        ns = self._by_ns_id.get(session.ns_id) if session is not None else None
+        if session is None or ns is None or ns.deleted:
+            raise KVStoreError(ErrorCode.SESSION_NOT_FOUND, f"put session {session_id} is unknown or expired")
+        return session, ns
+
+    def commit_layer(self, session_id: int, layers: np.ndarray, checksums: np.ndarray) -> tuple[int, bool]:
+        """Record committed layers of the session's head range; returns (pages completed, session done)."""
+        session, ns = self._session(session_id)
+        layers = np.asarray(layers, dtype=np.int64)
+        if not len(layers):
+            raise KVStoreError(ErrorCode.BAD_RANGE, "no layers in the commit")
+        bad = layers[(layers < 0) | (layers >= ns.layout.num_layers)]
+        if len(bad):
+            raise KVStoreError(
+                ErrorCode.BAD_RANGE, f"layer {int(bad[0])} outside [0, {ns.layout.num_layers})"
+            )
+        if len(checksums) != len(layers) * session.num_pages:
+            raise KVStoreError(
+                ErrorCode.INVALID_ARGUMENT,
+                f"{len(checksums)} checksums for {len(layers)} layers x {session.num_pages} new pages",
+            )
+        index = self.index
+        table = checksums.reshape(len(layers), session.num_pages) if session.num_pages else None
+        live = index.valid(session.rows, session.epochs) & (index.state[session.rows] == PENDING)
+        completed = 0
+        if live.any() and table is not None:
+            pos = np.flatnonzero(live)
+            rows = session.rows[pos]
+            node_of = index.node[rows]
+            for node in np.unique(node_of).tolist():
+                sel = node_of == node
+                slots = index.slot[rows[sel]]
+                self.notifier.enqueue_commit(
+                    node,
+                    np.tile(slots, len(layers)),
+                    np.repeat(layers, len(slots)),
+                    session.heads,
+                    table[:, pos[sel]].reshape(-1),
+                )
+            complete, full_layers = index.pending[ns.ns_id].commit(index.pend[rows], layers, session.heads)
+            index.layers_complete[rows] = full_layers
+            done_rows = rows[complete]
+            index.complete(done_rows, self.clock())
+            completed = len(done_rows)
+        session.committed[layers] = True
+        done = bool(session.committed.all())
+        if done:
+            self.sessions.finish(session)
+        return completed, done
+
+    def abort_put(self, session_id: int) -> int:
+        rows = self.sessions.abort(session_id)
+        if rows is None:
+            raise KVStoreError(ErrorCode.SESSION_NOT_FOUND, f"put session {session_id} is unknown or expired")
+        return self._free_rows(rows)
+
+    # ------------------------------------------------------------------ get path
+    def _match(self, ns: Namespace, packed_keys: bytes) -> tuple[np.ndarray, int]:
+        rows = self.index.lookup(ns.ns_id, packed_keys)
+        matched = self.index.prefix_length(rows, self.nodes.alive)
+        self.index.last_access[rows[:matched]] = self.clock()
+        return rows, matched
+
+    async def match_prefix(self, namespace: str, packed_keys: bytes) -> int:
+        ns = await self.namespace(namespace)
+        return self._match(ns, packed_keys)[1]
+
+    async def acquire_prefix(
+        self, namespace: str, packed_keys: bytes, lease_ms: int = 0, client_host: str = ""
+    ) -> pb.AcquirePrefixResponse:
+        ns = await self.namespace(namespace)
+        rows, matched = self._match(ns, packed_keys)
+        self._count_lookups(rows, matched)
+        if matched == 0:
+            return pb.AcquirePrefixResponse(
+                num_pages=0, placements=pb.Placements(slot_bytes=ns.layout.slot_bytes)
+            )
+        expires = self.clock() + self._lease_s(lease_ms, self.cfg.read_lease_ms)
+        lease = self.leases.create(ns.ns_id, ns.name, rows[:matched], packed_keys[: matched * KEY], expires)
+        return self._lease_response(lease, ns.layout.slot_bytes)
+
+    def _count_lookups(self, rows: np.ndarray, matched: int) -> None:
+        self.lookups += len(rows)
+        self.hits += matched
+        found = rows[rows >= 0]
+        if not len(found):
+            return
+        asked = np.bincount(self.index.node[found].astype(np.int64))
+        hit = np.bincount(self.index.node[rows[:matched]].astype(np.int64), minlength=len(asked))
+        for node in np.flatnonzero(asked).tolist():
+            record = self.nodes.by_index.get(node)
+            if record is not None:
+                record.lookups += int(asked[node])
+                record.hits += int(hit[node])
+
+    def _lease_response(self, lease: ReadLease, slot_bytes: int) -> pb.AcquirePrefixResponse:
+        held = lease.valid_prefix(self.index)
+        return pb.AcquirePrefixResponse(
+            lease_id=lease.lease_id,
+            num_pages=held,
+            placements=self._placements(lease.rows[:held], slot_bytes, grants.READ, lease.expires),
+            expires_unix_ms=int(lease.expires * 1000),
+            keys=lease.keys[: held * KEY],
+        )
+
+    def describe_lease(self, lease_id: str) -> pb.AcquirePrefixResponse:
+        lease = self.leases.get(lease_id, self.clock())
+        if lease is None:
+            raise KVStoreError(ErrorCode.LEASE_NOT_FOUND, "read lease unknown, released or expired")
+        slot_bytes = int(self.index.ns_slot_bytes[lease.ns_id])
+        return self._lease_response(lease, slot_bytes)
+
+    def release_lease(self, lease_id: str) -> bool:
+        unpinned = self.leases.release(lease_id)
+        if unpinned is None:
+            return False
+        self._free_doomed(unpinned)
+        return True
+
+    def _free_doomed(self, unpinned: np.ndarray) -> None:
+        if len(unpinned):
+            self._free_rows(unpinned[self.index.state[unpinned] == DOOMED])
+
+    def pin(self, namespace: Namespace, packed_keys: bytes, ttl_s: float) -> int:
+        """Keep a matched prefix out of eviction for a bounded time (hot system prompts)."""
+        rows, matched = self._match(namespace, packed_keys)
+        until = self.clock() + min(ttl_s, self.cfg.max_lease_ms / 1000.0)
+        self.index.pin_until[rows[:matched]] = until
+        return matched
+
+    def _placements(self, rows: np.ndarray, slot_bytes: int, rights: int, expires: float) -> pb.Placements:
+        """Placements of pages (``rows[i] < 0``: none for page i) with one grant per node."""
+        index = self.index
+        count = len(rows)
+        node_index = np.full(count, NO_NODE, dtype=np.uint16)
+        slot_offsets = np.zeros(count, dtype=np.uint64)
+        generations = np.zeros(count, dtype=np.uint32)
+        placed = np.flatnonzero(rows >= 0)
+        msg = pb.Placements(slot_bytes=slot_bytes)
+        if len(placed):
+            placed_rows = rows[placed]
+            node_of = index.node[placed_rows]
+            slot_offsets[placed] = index.slot[placed_rows]
+            generations[placed] = index.generation[placed_rows]
+            expires_ms = int(expires * 1000)
+            for position, node in enumerate(_unique_in_order(node_of)):
+                record = self.nodes.by_index[node]
+                sel = node_of == node
+                node_index[placed[sel]] = position
+                msg.nodes.append(record.ref)
+                msg.grants.append(
+                    grants.sign(
+                        self.grant_secret,
+                        record.node_id,
+                        record.incarnation,
+                        index.slot[placed_rows[sel]],
+                        index.generation[placed_rows[sel]],
+                        expires_ms,
+                        self.term,
+                        rights,
+                    )
+                )
+        msg.node_index = node_index.astype("<u2").tobytes()
+        msg.slot_offsets = slot_offsets.astype("<u8").tobytes()
+        msg.generations = generations.astype("<u4").tobytes()
+        return msg
+
+    # ------------------------------------------------------------------ extras
+    async def put_extra(self, namespace: str, digest: bytes, name: str, data: bytes) -> None:
+        await self.namespace(namespace)
+        self.extras.put(namespace, digest, name, data)
+
+    async def get_extra(self, namespace: str, digest: bytes, name: str) -> bytes:
+        await self.namespace(namespace)
+        data = self.extras.get(namespace, digest, name)
+        if data is None:
+            raise KVStoreError(ErrorCode.EXTRA_NOT_FOUND, f"no extra {name!r} for that sequence")
+        return data
+
+    # ------------------------------------------------------------------ admin
+    def node_statuses(self) -> list[pb.NodeStatus]:
+        index = self.index
+        high = index.high
+        complete = index.node[:high][index.state[:high] == COMPLETE].astype(np.int64)
+        pages = np.bincount(complete, minlength=1 << 16)
+        now = self.clock()
+        statuses = []
+        records = list(self.nodes.by_index.values()) + [
+            r for r in self.nodes.departed.values() if r.node_id not in self.nodes.by_id
+        ]
+        for r in sorted(records, key=lambda rec: rec.node_id):
+            alive = r.alive and self.nodes.by_index.get(r.index) is r
+            usage = pb.TierUsage(
+                tier=r.tier,
+                capacity_bytes=r.allocator.capacity,
+                allocated_bytes=r.allocator.allocated_bytes if alive else 0,
+                quarantined_bytes=r.allocator.quarantined_bytes if alive else 0,
+                pages=int(pages[r.index]) if alive else 0,
+                hits=r.hits,
+                lookups=r.lookups,
+                evictions=r.evictions,
+            )
+            statuses.append(
+                pb.NodeStatus(
+                    node_id=r.node_id,
+                    host_id=r.host_id,
+                    control_address=r.control_address,
+                    data_address=r.data_address,
+                    alive=alive,
+                    last_heartbeat_age_s=max(0.0, now - r.last_heartbeat),
+                    tiers=[usage],
+                )
+            )
+        return statuses
+
+    def cluster_stats(self) -> pb.ClusterStatsResponse:
+        index = self.index
+        high = index.high
+        complete = index.state[:high] == COMPLETE
+        per_ns = np.bincount(index.ns[:high][complete].astype(np.int64), minlength=MAX_NAMESPACES)
+        usage = [
+            pb.NamespaceUsage(name=ns.name, pages=int(per_ns[ns.ns_id]), bytes=ns.allocated_bytes)
+            for ns in sorted(self.namespaces.values(), key=lambda n: n.name)
+        ]
+        return pb.ClusterStatsResponse(
+            nodes=self.node_statuses(),
+            namespaces=usage,
+            active_read_leases=len(self.leases),
+            open_put_sessions=self.sessions.open_count,
+            pages=int(np.count_nonzero(complete)),
+            hits=self.hits,
+            lookups=self.lookups,
+        )
+
+    async def admin_evict(self, namespace: str, everything: bool) -> tuple[int, int]:
+        """Evict every page (of a namespace, or all) not held by a read lease or a live writer."""
+        if not namespace and not everything:
+            raise KVStoreError(
+                ErrorCode.INVALID_ARGUMENT, "name a namespace, or pass all=true to evict everything"
+            )
+        index = self.index
+        high = index.high
+        scope = (index.state[:high] == COMPLETE) | (index.state[:high] == PENDING)
+        if namespace:
+            ns = await self.namespace(namespace)
+            scope &= index.ns[:high] == ns.ns_id
+        rows = np.flatnonzero(scope)
+        held = index.lease_count[rows] > 0
+        pending_rows = rows[index.state[rows] == PENDING]
+        writing = np.zeros(len(rows), dtype=bool)
+        if len(pending_rows):
+            for ns_id in np.unique(index.ns[pending_rows]).tolist():
+                table = index.pending.get(ns_id)
+                sel = (index.state[rows] == PENDING) & (index.ns[rows] == ns_id)
+                if table is not None:
+                    writing[sel] = table.writers[index.pend[rows[sel]]] > 0
+        skipped = held | writing
+        evicted = await self._free_in_chunks(rows[~skipped], evicted=True)
+        return evicted, int(np.count_nonzero(skipped))
+
+    # ------------------------------------------------------------------ background
+    def sweep(self) -> None:
+        """One pass of the periodic work; each part touches only what is due or a bounded batch."""
+        now = self.clock()
+        for unpinned in self.leases.expire(now):
+            self._free_doomed(unpinned)
+        for abandoned in self.sessions.expire(now):
+            if len(abandoned):
+                log.info("reclaiming %d pages of an expired put session", len(abandoned))
+                self._free_rows(abandoned)
+        for record in list(self.nodes.by_index.values()):
+            record.allocator.reclaim(now)
+        for record in self.nodes.overdue(now):
+            log.warning(
+                "node %s silent for %.1f s: declaring it dead", record.node_id, now - record.last_heartbeat
+            )
+            self._drop_node(record)
+        self._watermark_eviction()
+
+    async def _sweeper(self) -> None:
+        while True:
+            await asyncio.sleep(SWEEP_INTERVAL_S)
+            try:
+                self.sweep()
+            except Exception:  # noqa: BLE001 - the sweeper must survive a bug in one pass
+                log.exception("sweep failed")

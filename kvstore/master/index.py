@@ -1,0 +1,316 @@
+"""The page index: a packed table of every page the cluster holds (DESIGN.md, "object index").
+
+One row per page, stored column-wise in numpy arrays grown by doubling, so
+millions of pages cost a few dozen bytes each and no Python object.  Keys map
+to rows through one dict per namespace (dropping a namespace drops its dict in
+one step).  Freed rows are recycled through a free list; every row carries an
+``epoch`` bumped when it is freed, so sessions and leases that remember
+``(row, epoch)`` pairs notice a recycled row without a back-reference.
+
+Head coverage (which heads of which layers are committed) is kept only for
+pending pages, in a per-namespace :class:`PendingTable`, and dropped when the
+page completes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from kvstore.keys import KEY_BYTES
+
+FREE, PENDING, COMPLETE, DOOMED = 0, 1, 2, 3
+"""Row states.  DOOMED: its namespace was deleted while a read lease held it;
+unmatchable, freed when the last lease ends."""
+
+ROOT = -1
+"""Parent of page 0 of a chain."""
+ORPHAN = -2
+"""Parent row was freed under the page (node loss, reclaim): unreachable until
+a new put of the chain links it again."""
+
+_INITIAL_ROWS = 1024
+
+
+def _grow(array: np.ndarray, capacity: int, fill: float | int = 0) -> np.ndarray:
+    grown = np.full((capacity,) + array.shape[1:], fill, dtype=array.dtype)
+    grown[: len(array)] = array
+    return grown
+
+
+class PendingTable:
+    """Head coverage of the pending pages of one namespace.
+
+    ``coverage[p, layer, head]``: committed; ``claimed[p, head]``: a live
+    writer owns that head; ``writers[p]``: live sessions that claimed the page
+    (the page is reclaimed when it drops to 0 before completion).
+    """
+
+    def __init__(self, num_layers: int, num_heads: int, capacity: int = 64) -> None:
+        self.num_layers = num_layers
+        self.num_heads = num_heads
+        self.coverage = np.zeros((capacity, num_layers, num_heads), dtype=bool)
+        self.claimed = np.zeros((capacity, num_heads), dtype=bool)
+        self.writers = np.zeros(capacity, dtype=np.uint32)
+        self._free: list[int] = []
+        self._high = 0
+
+    def __len__(self) -> int:
+        return self._high - len(self._free)
+
+    def alloc(self, count: int) -> np.ndarray:
+        reuse = min(count, len(self._free))
+        taken = self._free[len(self._free) - reuse :]
+        del self._free[len(self._free) - reuse :]
+        fresh = count - reuse
+        if self._high + fresh > len(self.writers):
+            capacity = max(len(self.writers) * 2, self._high + fresh)
+            self.coverage = _grow(self.coverage, capacity)
+            self.claimed = _grow(self.claimed, capacity)
+            self.writers = _grow(self.writers, capacity)
+        slots = np.concatenate((np.array(taken, dtype=np.int64), np.arange(self._high, self._high + fresh)))
+        self._high += fresh
+        self.coverage[slots] = False
+        self.claimed[slots] = False
+        self.writers[slots] = 0
+        return slots.astype(np.int64)
+
+    def release(self, slots: np.ndarray) -> None:
+        if len(slots):
+            self._free.extend(np.asarray(slots, dtype=np.int64).tolist())
+
+    def available(self, slots: np.ndarray, heads: tuple[int, int]) -> np.ndarray:
+        """Pages on which ``heads`` are neither claimed by a live writer nor already fully committed."""
+        h0, h1 = heads
+        claimed = self.claimed[slots, h0:h1].any(axis=1)
+        covered = self.coverage[slots, :, h0:h1].all(axis=(1, 2))
+        return np.logical_not(claimed | covered)
+
+    def claim(self, slots: np.ndarray, heads: tuple[int, int]) -> None:
+        self.claimed[slots, heads[0] : heads[1]] = True
+        np.add.at(self.writers, slots, 1)
+
+    def unclaim(self, slots: np.ndarray, heads: tuple[int, int]) -> None:
+        """Drop a writer's claim on its heads (its writer count stays until it expires)."""
+        self.claimed[slots, heads[0] : heads[1]] = False
+
+    def leave(self, slots: np.ndarray) -> np.ndarray:
+        """One writer is gone from each page; returns the writer counts left."""
+        np.subtract.at(self.writers, slots, 1)
+        return self.writers[slots]
+
+    def commit(
+        self, slots: np.ndarray, layers: np.ndarray, heads: tuple[int, int]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Mark ``heads`` of ``layers`` committed; return (complete mask, layers fully committed) per page."""
+        self.coverage[slots[:, None], layers[None, :], heads[0] : heads[1]] = True
+        full_layers = self.coverage[slots].all(axis=2)
+        return full_layers.all(axis=1), full_layers.sum(axis=1)
+
+
+class PageIndex:
+    """Packed page table; see the module docstring."""
+
+    def __init__(self, capacity: int = _INITIAL_ROWS) -> None:
+        self.keys = np.zeros((capacity, KEY_BYTES), dtype=np.uint8)
+        self.ns = np.zeros(capacity, dtype=np.uint16)
+        self.parent = np.full(capacity, ROOT, dtype=np.int64)
+        self.node = np.zeros(capacity, dtype=np.uint16)
+        self.slot = np.zeros(capacity, dtype=np.uint64)
+        self.generation = np.zeros(capacity, dtype=np.uint32)
+        self.state = np.zeros(capacity, dtype=np.uint8)
+        self.layers_complete = np.zeros(capacity, dtype=np.uint16)
+        self.last_access = np.zeros(capacity, dtype=np.float64)
+        self.lease_count = np.zeros(capacity, dtype=np.uint32)
+        self.child_count = np.zeros(capacity, dtype=np.uint32)
+        self.pin_until = np.zeros(capacity, dtype=np.float64)
+        self.deadline = np.zeros(capacity, dtype=np.float64)  # write deadline of a pending page
+        self.epoch = np.zeros(capacity, dtype=np.uint32)  # bumped on free: detects recycled rows
+        self.pend = np.full(capacity, -1, dtype=np.int64)  # row of the namespace's PendingTable
+        # slot bytes per namespace id (rows find their slot size through their namespace)
+        self.ns_slot_bytes = np.zeros(1 << 16, dtype=np.uint64)
+        self.ns_rows = np.zeros(1 << 16, dtype=np.int64)
+        self.tables: dict[int, dict[bytes, int]] = {}
+        self.pending: dict[int, PendingTable] = {}
+        self.high = 0  # rows [0, high) have been used; scans look at these only
+        self._free: list[int] = []
+
+    # -- namespaces
+    def add_namespace(self, ns_id: int, slot_bytes: int, num_layers: int, num_heads: int) -> None:
+        self.tables[ns_id] = {}
+        self.pending[ns_id] = PendingTable(num_layers, num_heads)
+        self.ns_slot_bytes[ns_id] = slot_bytes
+
+    def drop_namespace_table(self, ns_id: int) -> None:
+        """Make every page of the namespace unmatchable at once (rows stay until freed)."""
+        self.tables.pop(ns_id, None)
+
+    def forget_namespace(self, ns_id: int) -> None:
+        self.tables.pop(ns_id, None)
+        self.pending.pop(ns_id, None)
+        self.ns_slot_bytes[ns_id] = 0
+
+    # -- sizes
+    @property
+    def capacity(self) -> int:
+        return len(self.state)
+
+    def __len__(self) -> int:
+        return self.high - len(self._free)
+
+    def row_bytes(self, rows: np.ndarray) -> np.ndarray:
+        return self.ns_slot_bytes[self.ns[rows]]
+
+    # -- lookups
+    def lookup(self, ns_id: int, packed_keys: bytes) -> np.ndarray:
+        """Row of each 16-byte key (-1: absent), in order."""
+        table = self.tables.get(ns_id, {})
+        count = len(packed_keys) // KEY_BYTES
+        get = table.get
+        return np.fromiter(
+            (get(packed_keys[i : i + KEY_BYTES], -1) for i in range(0, count * KEY_BYTES, KEY_BYTES)),
+            dtype=np.int64,
+            count=count,
+        )
+
+    def prefix_length(self, rows: np.ndarray, node_alive: np.ndarray) -> int:
+        """Pages counted from page 0: present, complete, on a live node, parent = previous page."""
+        if len(rows) == 0:
+            return 0
+        safe = np.where(rows >= 0, rows, 0)
+        expected_parent = np.empty(len(rows), dtype=np.int64)
+        expected_parent[0] = ROOT
+        expected_parent[1:] = rows[:-1]
+        ok = (
+            (rows >= 0)
+            & (self.state[safe] == COMPLETE)
+            & node_alive[self.node[safe]]
+            & (self.parent[safe] == expected_parent)
+        )
+        return len(rows) if ok.all() else int(np.argmin(ok))
+
+    def keys_of(self, rows: np.ndarray) -> bytes:
+        return self.keys[rows].tobytes()
+
+    # -- rows
+    def alloc(self, count: int) -> np.ndarray:
+        """``count`` fresh rows (recycled first); columns reset, state FREE until the caller fills them."""
+        reuse = min(count, len(self._free))
+        taken = self._free[len(self._free) - reuse :]
+        del self._free[len(self._free) - reuse :]
+        fresh = count - reuse
+        if self.high + fresh > self.capacity:
+            self._grow(max(self.capacity * 2, self.high + fresh))
+        rows = np.concatenate(
+            (np.array(taken, dtype=np.int64), np.arange(self.high, self.high + fresh, dtype=np.int64))
+        )
+        self.high += fresh
+        self.parent[rows] = ROOT
+        self.layers_complete[rows] = 0
+        self.lease_count[rows] = 0
+        self.child_count[rows] = 0
+        self.pin_until[rows] = 0.0
+        self.deadline[rows] = 0.0
+        self.pend[rows] = -1
+        return rows
+
+    def insert(
+        self,
+        ns_id: int,
+        rows: np.ndarray,
+        packed_keys: bytes,
+        nodes: np.ndarray,
+        slots: np.ndarray,
+        generations: np.ndarray,
+        now: float,
+    ) -> None:
+        """Fill freshly allocated rows as PENDING pages and make their keys findable."""
+        table = self.tables[ns_id]
+        self.keys[rows] = np.frombuffer(packed_keys, dtype=np.uint8).reshape(-1, KEY_BYTES)
+        self.ns[rows] = ns_id
+        self.node[rows] = nodes
+        self.slot[rows] = slots
+        self.generation[rows] = generations
+        self.state[rows] = PENDING
+        self.last_access[rows] = now
+        self.pend[rows] = self.pending[ns_id].alloc(len(rows))
+        for i, row in enumerate(rows.tolist()):
+            table[packed_keys[i * KEY_BYTES : (i + 1) * KEY_BYTES]] = row
+        np.add.at(self.ns_rows, np.full(len(rows), ns_id, dtype=np.int64), 1)
+
+    def complete(self, rows: np.ndarray, now: float) -> None:
+        """Pending -> COMPLETE: coverage dropped, recency starts now."""
+        for ns_id in np.unique(self.ns[rows]).tolist():
+            sel = rows[self.ns[rows] == ns_id]
+            self.pending[ns_id].release(self.pend[sel])
+        self.pend[rows] = -1
+        self.state[rows] = COMPLETE
+        self.last_access[rows] = now
+
+    def release(self, rows: np.ndarray) -> None:
+        """Return rows to the free list: keys unfindable, coverage dropped, epoch bumped.
+
+        The caller has already freed the slots; parents' child counts and the
+        children of these rows are handled by :meth:`unlink`.
+        """
+        if not len(rows):
+            return
+        ns_of = self.ns[rows]
+        for ns_id in np.unique(ns_of).tolist():
+            sel = rows[ns_of == ns_id]
+            table = self.tables.get(ns_id)
+            if table is not None:
+                raw = self.keys[sel].tobytes()
+                for i in range(len(sel)):
+                    table.pop(raw[i * KEY_BYTES : (i + 1) * KEY_BYTES], None)
+            pending = self.pending.get(ns_id)
+            pend = self.pend[sel]
+            if pending is not None:
+                pending.release(pend[pend >= 0])
+            self.ns_rows[ns_id] -= len(sel)
+        self.state[rows] = FREE
+        self.pend[rows] = -1
+        self.lease_count[rows] = 0
+        self.child_count[rows] = 0
+        self.epoch[rows] += np.uint32(1)
+        self._free.extend(rows.tolist())
+
+    def unlink(self, rows: np.ndarray) -> int:
+        """Before freeing ``rows``: parents lose a child, children become orphans. Returns orphans made."""
+        parents = self.parent[rows]
+        parents = parents[parents >= 0]
+        if len(parents):
+            np.subtract.at(self.child_count, parents, 1)
+        with_children = rows[self.child_count[rows] > 0]
+        if not len(with_children):
+            return 0
+        live = self.state[: self.high] != FREE
+        orphans = np.flatnonzero(live & np.isin(self.parent[: self.high], with_children))
+        self.parent[orphans] = ORPHAN
+        return len(orphans)
+
+    def rows_where(self, mask: np.ndarray) -> np.ndarray:
+        return np.flatnonzero(mask).astype(np.int64)
+
+    def live_mask(self) -> np.ndarray:
+        return self.state[: self.high] != FREE
+
+    def valid(self, rows: np.ndarray, epochs: np.ndarray) -> np.ndarray:
+        """Which remembered (row, epoch) pairs still name the same page."""
+        return (self.epoch[rows] == epochs) & (self.state[rows] != FREE)
+
+    def _grow(self, capacity: int) -> None:
+        self.keys = _grow(self.keys, capacity)
+        self.ns = _grow(self.ns, capacity)
+        self.parent = _grow(self.parent, capacity, ROOT)
+        self.node = _grow(self.node, capacity)
+        self.slot = _grow(self.slot, capacity)
+        self.generation = _grow(self.generation, capacity)
+        self.state = _grow(self.state, capacity)
+        self.layers_complete = _grow(self.layers_complete, capacity)
+        self.last_access = _grow(self.last_access, capacity)
+        self.lease_count = _grow(self.lease_count, capacity)
+        self.child_count = _grow(self.child_count, capacity)
+        self.pin_until = _grow(self.pin_until, capacity)
+        self.deadline = _grow(self.deadline, capacity)
+        self.epoch = _grow(self.epoch, capacity)
+        self.pend = _grow(self.pend, capacity, -1)

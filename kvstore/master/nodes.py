@@ -1,0 +1,174 @@
+"""The node registry: who is in the cluster, alive, and how to reach them.
+
+Each node incarnation gets a small registry index (u16, the ``node`` column of
+the page index; recycled once the incarnation is gone).  Liveness: a node is
+dead when it has not heartbeated for ``node_ttl_s``, or when slot updates to it
+have failed for that long.  The master then drops every page it held.  A
+known node id registering with a new incarnation replaces the old one (whose
+pool file is gone with its process).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import grpc
+import numpy as np
+
+from kvstore._proto import kvstore_pb2 as pb
+from kvstore._proto import kvstore_pb2_grpc as pb_grpc
+from kvstore.errors import ErrorCode, KVStoreError
+from kvstore.master.allocator import RegionAllocator
+
+log = logging.getLogger("kvstore.master.nodes")
+
+MAX_NODES = 1 << 16
+NO_NODE = 0xFFFF
+
+
+@dataclass
+class NodeRecord:
+    index: int
+    node_id: str
+    incarnation: bytes
+    host_id: str
+    control_address: str
+    data_address: str
+    pool_path: str
+    pool_data_offset: int
+    pool_bytes: int
+    tier: str
+    allocator: RegionAllocator
+    registered_at: float
+    last_heartbeat: float
+    alive: bool = True
+    ready: bool = True  # False while its registration is being completed: not placed on
+    hits: int = 0
+    lookups: int = 0
+    evictions: int = 0
+    channel: grpc.aio.Channel | None = field(default=None, repr=False)
+    stub: pb_grpc.NodeStub | None = field(default=None, repr=False)
+
+    @property
+    def ref(self) -> pb.NodeRef:
+        return pb.NodeRef(
+            node_id=self.node_id,
+            incarnation=self.incarnation,
+            data_address=self.data_address,
+            pool_path=self.pool_path,
+            pool_data_offset=self.pool_data_offset,
+            pool_bytes=self.pool_bytes,
+        )
+
+
+class NodeRegistry:
+    def __init__(
+        self,
+        node_ttl_s: float,
+        rpc_timeout_s: float,
+        max_message_bytes: int,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.node_ttl_s = node_ttl_s
+        self.rpc_timeout_s = rpc_timeout_s
+        self._max_message_bytes = max_message_bytes
+        self._clock = clock
+        self.by_index: dict[int, NodeRecord] = {}
+        self.by_id: dict[str, NodeRecord] = {}
+        # the last incarnation of nodes that died, for ListNodes and for a comeback
+        self.departed: dict[str, NodeRecord] = {}
+        self.alive = np.zeros(MAX_NODES, dtype=bool)
+        self._free_indices = list(range(MAX_NODES - 2, -1, -1))  # NO_NODE is never an index
+
+    def __len__(self) -> int:
+        return len(self.by_index)
+
+    def live(self) -> list[NodeRecord]:
+        return [n for n in self.by_index.values() if n.alive]
+
+    def get(self, node_id: str) -> NodeRecord | None:
+        return self.by_id.get(node_id)
+
+    def add(self, request: pb.RegisterNodeRequest, allocator: RegionAllocator) -> NodeRecord:
+        """Register a new incarnation (the caller has removed any previous one of this node id)."""
+        if not self._free_indices:
+            raise KVStoreError(
+                ErrorCode.TOO_LARGE, f"more than {MAX_NODES - 1} node incarnations are registered"
+            )
+        now = self._clock()
+        tier = request.regions[0].tier if request.regions else "dram"
+        record = NodeRecord(
+            index=self._free_indices.pop(),
+            node_id=request.node_id,
+            incarnation=bytes(request.incarnation),
+            host_id=request.host_id,
+            control_address=request.control_address,
+            data_address=request.data_address,
+            pool_path=request.pool_path,
+            pool_data_offset=request.pool_data_offset,
+            pool_bytes=request.pool_bytes,
+            tier=tier,
+            allocator=allocator,
+            registered_at=now,
+            last_heartbeat=now,
+        )
+        self.by_index[record.index] = record
+        self.by_id[record.node_id] = record
+        self.departed.pop(record.node_id, None)
+        self.alive[record.index] = True
+        return record
+
+    def remove(self, record: NodeRecord) -> None:
+        """Take an incarnation out (dead or replaced); its index is reusable once its pages are dropped."""
+        record.alive = False
+        self.alive[record.index] = False
+        self.by_index.pop(record.index, None)
+        if self.by_id.get(record.node_id) is record:
+            del self.by_id[record.node_id]
+        self.departed[record.node_id] = record
+        self._free_indices.append(record.index)
+        channel, record.channel, record.stub = record.channel, None, None
+        if channel is not None:
+            # closing awaits in-flight calls: do it off the caller's path
+            asyncio.get_running_loop().create_task(channel.close())
+
+    def heartbeat(self, node_id: str, incarnation: bytes) -> bool:
+        record = self.by_id.get(node_id)
+        if record is None or record.incarnation != incarnation or not record.alive:
+            return False
+        record.last_heartbeat = self._clock()
+        return True
+
+    def overdue(self, now: float) -> list[NodeRecord]:
+        """Live nodes silent for longer than the node TTL."""
+        return [n for n in self.by_index.values() if n.alive and now - n.last_heartbeat > self.node_ttl_s]
+
+    # -- talking to nodes
+    def stub(self, record: NodeRecord) -> pb_grpc.NodeStub:
+        if record.stub is None:
+            options = [
+                ("grpc.max_send_message_length", self._max_message_bytes),
+                ("grpc.max_receive_message_length", self._max_message_bytes),
+            ]
+            record.channel = grpc.aio.insecure_channel(record.control_address, options=options)
+            record.stub = pb_grpc.NodeStub(record.channel)
+        return record.stub
+
+    async def send_updates(self, index: int, updates: pb.SlotUpdates) -> None:
+        record = self.by_index.get(index)
+        if record is None:
+            return  # gone: its slots went with it
+        await self.stub(record).ApplySlotUpdates(updates, timeout=self.rpc_timeout_s)
+
+    async def inventory(self, record: NodeRecord) -> pb.InventoryResponse:
+        return await self.stub(record).GetInventory(pb.InventoryRequest(), timeout=self.rpc_timeout_s)
+
+    async def close(self) -> None:
+        for record in list(self.by_index.values()):
+            if record.channel is not None:
+                await record.channel.close()
+                record.channel, record.stub = None, None

@@ -1,0 +1,169 @@
+"""kvstore-node: the storage node daemon.
+
+Start-up: bind the data socket (its port names the node by default), create
+the DRAM pool (sweeping orphans of dead nodes first), start the gRPC ``Node``
+service and the TCP data server, then register with the master and heartbeat.
+Once registered it prints one line::
+
+    kvstore-node NODE_ID data HOST:PORT control HOST:PORT
+
+SIGINT/SIGTERM stop the servers and remove the pool file; the exit status is 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import sys
+
+import grpc
+
+from kvstore import config, hostid, logs
+from kvstore._proto import kvstore_pb2 as pb
+from kvstore._proto import kvstore_pb2_grpc as pb_grpc
+from kvstore.node.data_server import DataServer, open_listener
+from kvstore.node.inventory import Inventory
+from kvstore.node.master_link import MasterLink
+from kvstore.node.service import NodeService
+from kvstore.node.state import NodeState
+from kvstore.tiers.base import SLOT_UNIT
+from kvstore.tiers.dram import DramPool
+
+log = logging.getLogger("kvstore.node")
+
+# A TCP data request may carry this many times the largest gRPC message.
+DATA_REQUEST_FACTOR = 64
+SHUTDOWN_GRACE_S = 1.0
+
+
+def join_host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+
+
+def advertised_host(cfg: config.Config) -> str:
+    """The name other hosts reach this node by: --advertise-host, else --host unless it is a wildcard."""
+    if cfg.advertise_host:
+        return str(cfg.advertise_host)
+    if cfg.host in ("", "0.0.0.0", "::", "[::]"):
+        return socket.getfqdn()
+    return str(cfg.host)
+
+
+def parse_secret(text: str) -> bytes | None:
+    if not text:
+        return None
+    try:
+        secret = bytes.fromhex(text)
+    except ValueError:
+        raise SystemExit("kvstore-node: --grant-secret must be hexadecimal") from None
+    if len(secret) < 16:
+        raise SystemExit("kvstore-node: --grant-secret must be at least 16 bytes (32 hex digits)")
+    return secret
+
+
+async def run_node(cfg: config.Config) -> None:
+    """Run the node until SIGINT/SIGTERM."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    secret = parse_secret(cfg.grant_secret)
+    data_bytes = cfg.dram // SLOT_UNIT * SLOT_UNIT
+    if data_bytes <= 0:
+        raise SystemExit(f"kvstore-node: --dram must be at least {SLOT_UNIT} bytes")
+
+    async with contextlib.AsyncExitStack() as cleanup:
+        listener = open_listener(cfg.host, cfg.data_port)
+        cleanup.callback(listener.close)
+        data_port = int(listener.getsockname()[1])
+        node_id = cfg.node_id or f"{socket.gethostname()}-{data_port}"
+        os.makedirs(cfg.shm_dir, exist_ok=True)
+        # Prefaulting a large pool takes seconds: keep it off the loop so signals are still handled.
+        pool = await asyncio.to_thread(DramPool.create, cfg.shm_dir, node_id, data_bytes, cfg.prefault)
+        cleanup.callback(pool.close, True)
+
+        state = NodeState(node_id, pool.header.incarnation, secret)
+        inventory = Inventory(pool.capacity_bytes)
+        data_server = DataServer(
+            listener, pool, inventory, state, cfg.max_message_bytes * DATA_REQUEST_FACTOR, cfg.copy_threads
+        )
+        server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", cfg.max_message_bytes),
+                # the inventory of a large pool can exceed the usual message limit
+                ("grpc.max_send_message_length", -1),
+            ]
+        )
+        pb_grpc.add_NodeServicer_to_server(NodeService(state, pool, inventory, data_server.stats), server)
+        control_port = server.add_insecure_port(join_host_port(cfg.host, cfg.node_port))
+        await server.start()
+        cleanup.push_async_callback(server.stop, SHUTDOWN_GRACE_S)
+        data_server.start()
+        cleanup.push_async_callback(asyncio.to_thread, data_server.stop)
+
+        host = advertised_host(cfg)
+        data_address = join_host_port(host, data_port)
+        control_address = join_host_port(host, control_port)
+        registration = pb.RegisterNodeRequest(
+            node_id=node_id,
+            incarnation=pool.header.incarnation,
+            host_id=hostid.host_id(cfg.host_id),
+            control_address=control_address,
+            data_address=data_address,
+            pool_path=pool.path,
+            pool_data_offset=pool.header.data_offset,
+            pool_bytes=pool.header.data_offset + pool.header.data_bytes,
+            regions=[pb.RegionInfo(tier=pool.tier, capacity_bytes=pool.capacity_bytes)],
+        )
+
+        def announce(_: pb.RegisterNodeResponse) -> None:
+            if link.registrations == 1:
+                print(f"kvstore-node {node_id} data {data_address} control {control_address}", flush=True)
+
+        link = MasterLink(
+            [a.strip() for a in cfg.master.split(",") if a.strip()],
+            registration,
+            state,
+            heartbeat_ms=cfg.heartbeat_ms,
+            rpc_timeout_ms=cfg.rpc_timeout_ms,
+            secret_configured=secret is not None,
+            on_registered=announce,
+        )
+        cleanup.push_async_callback(link.close)
+        link_task = asyncio.create_task(link.run(), name="kvstore-node-master-link")
+        log.info(
+            "node %s serving: data %s, control %s, pool %s", node_id, data_address, control_address, pool.path
+        )
+
+        stop_task = asyncio.create_task(stop.wait())
+        done, _ = await asyncio.wait({link_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
+        if link_task in done:
+            stop_task.cancel()
+            link_task.result()  # MasterLink.run only ends by failing: surface it
+        link_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await link_task
+        log.info("node %s stopping", node_id)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="kvstore-node", description="kvstore storage node")
+    config.add_flags(parser, config.NODE)
+    cfg = config.from_args(parser.parse_args())
+    logs.setup(cfg.log_level, cfg.log_json, component="node")
+    try:
+        asyncio.run(run_node(cfg))
+    except (OSError, RuntimeError, ValueError) as exc:
+        # Start-up failures (a tmpfs too small, a port in use) end with the reason, not a traceback.
+        log.debug("node failed", exc_info=True)
+        print(f"kvstore-node: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,134 @@
+"""The node's gRPC service: slot updates from the master, inventory for a new leader, stats."""
+
+from __future__ import annotations
+
+import logging
+
+import grpc
+import numpy as np
+
+from kvstore._proto import kvstore_pb2 as pb
+from kvstore._proto import kvstore_pb2_grpc as pb_grpc
+from kvstore.errors import ErrorCode, KVStoreError, grpc_errors
+from kvstore.node.data_server import DataStats
+from kvstore.node.inventory import KEY_BYTES, Inventory
+from kvstore.node.state import NodeState
+from kvstore.tiers.base import Tier
+
+log = logging.getLogger("kvstore.node.service")
+
+
+def _packed(raw: bytes, dtype: str, what: str, width: int = 1) -> np.ndarray:
+    """Decode one packed table of SlotUpdates; INVALID_ARGUMENT if its length is not whole rows."""
+    row = np.dtype(dtype).itemsize * width
+    if len(raw) % row:
+        raise KVStoreError(
+            ErrorCode.INVALID_ARGUMENT, f"{what}: {len(raw)} bytes is not a whole number of rows"
+        )
+    table = np.frombuffer(raw, dtype=dtype)
+    return table.reshape(-1, width) if width > 1 else table
+
+
+def _same_length(what: str, *tables: np.ndarray) -> int:
+    lengths = {len(t) for t in tables}
+    if len(lengths) > 1:
+        raise KVStoreError(
+            ErrorCode.INVALID_ARGUMENT, f"{what} tables have different lengths {sorted(lengths)}"
+        )
+    return lengths.pop()
+
+
+class NodeService(pb_grpc.NodeServicer):
+    """Applies the master's slot updates to the tier's generation table and the inventory."""
+
+    def __init__(self, state: NodeState, tier: Tier, inventory: Inventory, data_stats: DataStats) -> None:
+        self._state = state
+        self._tier = tier
+        self._inventory = inventory
+        self._data_stats = data_stats
+
+    @grpc_errors
+    async def ApplySlotUpdates(
+        self, request: pb.SlotUpdates, context: grpc.aio.ServicerContext
+    ) -> pb.SlotUpdatesResponse:
+        # Decode and validate the whole batch before touching anything, so a bad batch applies nothing.
+        a_slots = _packed(request.assign_slots, "<u8", "assign_slots")
+        a_gens = _packed(request.assign_generations, "<u4", "assign_generations")
+        a_sizes = _packed(request.assign_slot_bytes, "<u8", "assign_slot_bytes")
+        a_ns = _packed(request.assign_ns_index, "<u2", "assign_ns_index")
+        n_assign = _same_length("assignment", a_slots, a_gens, a_sizes, a_ns)
+        if (
+            len(request.assign_keys) != n_assign * KEY_BYTES
+            or len(request.assign_parents) != n_assign * KEY_BYTES
+        ):
+            raise KVStoreError(
+                ErrorCode.INVALID_ARGUMENT, "assign_keys/assign_parents must be 16 bytes per slot"
+            )
+        if n_assign and int(a_ns.max()) >= len(request.namespaces):
+            raise KVStoreError(ErrorCode.INVALID_ARGUMENT, "assign_ns_index points past the namespaces table")
+        c_slots = _packed(request.commit_slots, "<u8", "commit_slots")
+        c_layers = _packed(request.commit_layers, "<u2", "commit_layers")
+        c_heads = _packed(request.commit_heads, "<u2", "commit_heads", width=2)
+        c_sums = _packed(request.commit_checksums, "<u8", "commit_checksums")
+        _same_length("layer commit", c_slots, c_layers, c_heads, c_sums)
+        if np.any(c_heads[:, 0] >= c_heads[:, 1]):
+            raise KVStoreError(
+                ErrorCode.INVALID_ARGUMENT, "commit head ranges must be non-empty (begin < end)"
+            )
+        f_slots = _packed(request.free_slots, "<u8", "free_slots")
+        f_gens = _packed(request.free_generations, "<u4", "free_generations")
+        _same_length("free", f_slots, f_gens)
+        for what, slots in (("assignment", a_slots), ("commit", c_slots), ("free", f_slots)):
+            self._inventory.check_slots(slots, what)
+
+        self._state.observe_term(request.term)
+        inventory, tier = self._inventory, self._tier
+        namespaces = list(request.namespaces)
+        # Assign: record first, then publish the generation, so a writer whose grant
+        # matches the new generation always finds the slot's size in the inventory.
+        inventory.assign(
+            a_slots,
+            a_gens,
+            request.assign_keys,
+            request.assign_parents,
+            a_sizes,
+            [namespaces[i] for i in a_ns.tolist()],
+        )
+        tier.set_generation(a_slots, a_gens)
+        committed = inventory.commit(c_slots, c_layers, c_heads[:, 0], c_heads[:, 1], c_sums)
+        if committed != len(c_slots):
+            log.warning("%d layer commits named slots this node does not hold", len(c_slots) - committed)
+        # Free: publish the new generation first (fences readers and writers), then forget the slot.
+        tier.set_generation(f_slots, f_gens)
+        inventory.free(f_slots)
+        return pb.SlotUpdatesResponse(applied=n_assign + committed + len(f_slots))
+
+    @grpc_errors
+    async def GetInventory(
+        self, request: pb.InventoryRequest, context: grpc.aio.ServicerContext
+    ) -> pb.InventoryResponse:
+        return pb.InventoryResponse(
+            node_id=self._state.node_id,
+            incarnation=self._state.incarnation,
+            slots=self._inventory.snapshot(self._state.highest_term),
+        )
+
+    @grpc_errors
+    async def GetStats(
+        self, request: pb.NodeStatsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.NodeStatsResponse:
+        stats = self._data_stats
+        return pb.NodeStatsResponse(
+            node_id=self._state.node_id,
+            tiers=[
+                pb.TierStats(
+                    tier=self._tier.tier,
+                    capacity_bytes=self._tier.capacity_bytes,
+                    used_bytes=self._inventory.used_bytes,
+                    slots_in_use=len(self._inventory),
+                    bytes_written=stats.bytes_written,
+                    bytes_read=stats.bytes_read,
+                    grant_rejections=stats.grant_rejections,
+                )
+            ],
+        )

@@ -1,0 +1,697 @@
+"""A whole kvstore cluster as real processes, for tests, benchmarks and ``kvstore up``.
+
+:class:`Cluster` starts a master and N nodes with ``sys.executable -m ...``,
+waits for each one's readiness line on stdout (with a deadline), and stops them
+with SIGTERM (SIGKILL after a deadline).  After a stop, no pool file of its
+nodes may be left in the shared-memory directory: a node that exited on
+SIGTERM and left one has leaked it, which :meth:`Cluster.stop` reports.
+
+Each process's stdout and stderr go to a log file in a temporary directory;
+:meth:`Cluster.log_tail` returns the tails for failure reports.  Children die
+with the process that started them (``PR_SET_PDEATHSIG``), so a test runner
+killed mid-run leaves no services behind.
+
+Nothing here sleeps to synchronise: callers wait for a condition with
+:func:`wait_for`.  The ``*_in_process`` helpers at the end run client work in
+a separate interpreter (multiprocessing spawn: gRPC does not survive fork).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import fcntl
+import multiprocessing
+import os
+import re
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import IO, Any, TypeVar
+
+import grpc
+import numpy as np
+
+from kvstore import config as kvconfig
+from kvstore._proto import kvstore_pb2 as pb
+from kvstore._proto import kvstore_pb2_grpc as pb_grpc
+from kvstore.errors import ErrorCode, KVStoreError, from_rpc_error
+from kvstore.tiers.dram import POOL_PREFIX
+
+MASTER_READY = re.compile(r"kvstore-master listening on (\S+)")
+NODE_READY = re.compile(r"kvstore-node (\S+) data (\S+) control (\S+)")
+
+# Settings the harness sets itself; callers choose them through Cluster's own arguments.
+_HARNESS_OWNED = frozenset({"port", "master", "dram", "shm_dir", "node_id", "grant_secret", "host", "config"})
+
+# Run before the real command, in the child: die with the parent (PR_SET_PDEATHSIG = 1),
+# then exec the service.  A preexec_fn would do the same but is unsafe in a threaded parent.
+_LAUNCHER = (
+    "import ctypes, os, signal, sys\n"
+    "ctypes.CDLL(None).prctl(1, int(signal.SIGTERM))\n"
+    "if os.getppid() != int(sys.argv[1]): sys.exit(70)\n"
+    "os.execv(sys.executable, [sys.executable] + sys.argv[2:])\n"
+)
+
+_T = TypeVar("_T")
+
+# Leases, quarantine and node liveness short enough that tests can watch them run out.
+FAST_SETTINGS: dict[str, int] = {
+    "read_lease_ms": 2000,
+    "write_lease_ms": 2000,
+    "quarantine_ms": 500,
+    "heartbeat_ms": 200,
+    "node_ttl_ms": 1500,
+}
+
+
+class ClusterError(RuntimeError):
+    """A cluster process failed to start, died, or left state behind."""
+
+
+def wait_for(predicate: Callable[[], _T], timeout: float, what: str, interval: float = 0.01) -> _T:
+    """Poll ``predicate`` until it returns something truthy; return that, or raise TimeoutError naming ``what``.
+
+    Exceptions from the predicate propagate: a check that cannot be made is a failure, not a "not yet".
+    """
+    deadline = time.monotonic() + timeout
+    delay = interval
+    while True:
+        value = predicate()
+        if value:
+            return value
+        now = time.monotonic()
+        if now >= deadline:
+            raise TimeoutError(f"timed out after {timeout:.1f}s waiting for {what}")
+        time.sleep(min(delay, deadline - now))
+        delay = min(delay * 1.5, 0.1)
+
+
+def _flag_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def _safe_name(text: str) -> str:
+    """Node ids the harness picks are safe as file-name parts, so pool files can be told apart by name."""
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)
+
+
+def _child_env(inherit_settings: bool) -> dict[str, str]:
+    env = dict(os.environ)
+    if not inherit_settings:
+        # A developer's KVSTORE_* variables must not change what a test cluster does.
+        for name in [n for n in env if n.startswith("KVSTORE_")]:
+            del env[name]
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+class ManagedProcess:
+    """One service process: started, watched for its readiness line, logged, stopped."""
+
+    def __init__(
+        self, name: str, argv: Sequence[str], ready: re.Pattern[str], log_path: str, env: Mapping[str, str]
+    ) -> None:
+        self.name = name
+        self.argv = list(argv)
+        self.log_path = log_path
+        self._ready_pattern = ready
+        self._ready = threading.Event()
+        self._match: re.Match[str] | None = None
+        self._log: IO[str] = open(log_path, "a", buffering=1)  # noqa: SIM115 - closed in _pump
+        self._log.write(f"$ {' '.join(self.argv)}\n")
+        stderr = open(log_path, "ab", buffering=0)  # noqa: SIM115 - the child owns its copy
+        launcher = (
+            [sys.executable, "-c", _LAUNCHER, str(os.getpid())]
+            if sys.platform == "linux"
+            else [sys.executable]
+        )
+        try:
+            self.proc = subprocess.Popen(
+                launcher + self.argv,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=stderr,
+                env=dict(env),
+                text=True,
+                start_new_session=True,  # a terminal's Ctrl-C reaches the harness, which stops children in order
+            )
+        finally:
+            stderr.close()
+        self.killed = False  # ended by SIGKILL (ours): its files may legitimately be left behind
+        self._pump_thread = threading.Thread(target=self._pump, name=f"log-{name}", daemon=True)
+        self._pump_thread.start()
+
+    def _pump(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self._log.write(line)
+            if self._match is None:
+                match = self._ready_pattern.search(line)
+                if match:
+                    self._match = match
+                    self._ready.set()
+        self._log.close()
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def wait_ready(self, timeout: float) -> re.Match[str]:
+        def ready_or_dead() -> bool:
+            return self._ready.is_set() or not self.alive()
+
+        try:
+            wait_for(ready_or_dead, timeout, f"{self.name} to print its readiness line")
+        except TimeoutError as exc:
+            raise ClusterError(f"{exc}\n{self.log_tail()}") from None
+        if self._match is None:
+            self._pump_thread.join(timeout=2.0)
+            if self._match is None:
+                raise ClusterError(
+                    f"{self.name} exited with status {self.proc.returncode} before it was ready\n"
+                    f"{self.log_tail()}"
+                )
+        return self._match
+
+    def send_signal(self, sig: int) -> None:
+        if self.alive():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.proc.pid, sig)
+            if sig == signal.SIGKILL:
+                self.killed = True
+
+    def stop(self, timeout: float, sig: int = signal.SIGTERM) -> int:
+        """Signal, wait up to ``timeout``, then SIGKILL; return the exit status."""
+        self.send_signal(sig)
+        try:
+            code = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.send_signal(signal.SIGKILL)
+            code = self.proc.wait()
+        self._pump_thread.join(timeout=2.0)
+        return code
+
+    def wait_exit(self, timeout: float) -> int:
+        code = self.proc.wait(timeout=timeout)
+        self._pump_thread.join(timeout=2.0)
+        return code
+
+    def log_tail(self, lines: int = 80) -> str:
+        try:
+            with open(self.log_path, errors="replace") as fh:
+                tail = fh.readlines()[-lines:]
+        except OSError:
+            tail = []
+        return f"---- {self.name} ({self.log_path}), last {len(tail)} lines ----\n" + "".join(tail)
+
+
+@dataclass
+class NodeHandle:
+    """A node slot of the cluster; ``process`` is its current incarnation."""
+
+    index: int
+    node_id: str
+    process: ManagedProcess | None = None
+    data_address: str = ""
+    control_address: str = ""
+    history: list[ManagedProcess] = field(default_factory=list)
+
+
+class Cluster:
+    """A master and ``nodes`` storage nodes as subprocesses on loopback.
+
+    ``settings`` are any rows of :data:`kvstore.config.SETTINGS` (``read_lease_ms=2000``,
+    ``heartbeat_ms=200``...): each goes to the master, the nodes, or both, by the
+    components the table lists for it.  ``dram`` sizes each node.  Use it as a
+    context manager, or call :meth:`start` and :meth:`stop`.
+    """
+
+    def __init__(
+        self,
+        nodes: int = 1,
+        *,
+        dram: str | int = "64MiB",
+        shm_dir: str | None = None,
+        port: int = 0,
+        host: str = "127.0.0.1",
+        grant_secret: str | None = None,
+        node_ids: Sequence[str] | None = None,
+        startup_timeout: float = 30.0,
+        stop_timeout: float = 10.0,
+        inherit_settings_env: bool = False,
+        keep_logs: bool = False,
+        **settings: Any,
+    ) -> None:
+        by_name = {s.name: s for s in kvconfig.SETTINGS}
+        for name in settings:
+            if name not in by_name:
+                raise TypeError(f"Cluster: {name!r} is not a kvstore setting")
+            if name in _HARNESS_OWNED:
+                raise TypeError(f"Cluster: set {name!r} through Cluster's own argument")
+        self._master_flags: list[str] = []
+        self._node_flags: list[str] = []
+        for name, value in settings.items():
+            if value is None:
+                continue
+            setting = by_name[name]
+            if kvconfig.MASTER in setting.components:
+                self._master_flags += [setting.flag, _flag_value(value)]
+            if kvconfig.NODE in setting.components:
+                self._node_flags += [setting.flag, _flag_value(value)]
+        self.settings = dict(settings)
+        self.dram = kvconfig.parse_size(dram)
+        self.host = host
+        self.port = port
+        self.grant_secret = grant_secret if grant_secret is not None else secrets.token_hex(32)
+        self.startup_timeout = startup_timeout
+        self.stop_timeout = stop_timeout
+        self.keep_logs = keep_logs
+        self._env = _child_env(inherit_settings_env)
+        self._owns_shm_dir = shm_dir is None
+        self.shm_dir = shm_dir or tempfile.mkdtemp(prefix="kvstore-test-", dir=_default_shm_parent())
+        self.log_dir = tempfile.mkdtemp(prefix="kvstore-logs-")
+        ids = list(node_ids) if node_ids is not None else [f"node{i}" for i in range(nodes)]
+        if len(ids) != nodes:
+            raise ValueError(f"{len(ids)} node ids for {nodes} nodes")
+        self.nodes = [NodeHandle(i, _safe_name(node_id)) for i, node_id in enumerate(ids)]
+        self.master: ManagedProcess | None = None
+        self.master_address = ""
+        self._channel: grpc.Channel | None = None
+        self._clients: list[Any] = []
+        self._started = False
+        self._stopped = False
+
+    # ------------------------------------------------------------ lifecycle
+    def __enter__(self) -> Cluster:
+        return self.start()
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is not None and exc_type is not KeyboardInterrupt:
+            print(self.log_tail(), file=sys.stderr)
+            self.keep_logs = True
+        self.stop(check=exc_type is None)
+
+    def start(self) -> Cluster:
+        if self._started:
+            return self
+        self._started = True
+        try:
+            self._start_master()
+            for node in self.nodes:
+                self._start_node(node)
+            self.wait_nodes_alive(len(self.nodes), self.startup_timeout)
+        except BaseException:
+            self.keep_logs = True
+            self.stop(check=False)
+            raise
+        return self
+
+    def _start_master(self) -> None:
+        argv = [
+            "-m",
+            "kvstore.master",
+            "--host",
+            self.host,
+            "--port",
+            str(self.port),
+            "--grant-secret",
+            self.grant_secret,
+            *self._master_flags,
+        ]
+        self.master = ManagedProcess(
+            "master", argv, MASTER_READY, os.path.join(self.log_dir, "master.log"), self._env
+        )
+        match = self.master.wait_ready(self.startup_timeout)
+        self.master_address = match.group(1)
+
+    def _start_node(self, node: NodeHandle) -> None:
+        argv = [
+            "-m",
+            "kvstore.node",
+            "--master",
+            self.master_address,
+            "--host",
+            self.host,
+            "--node-id",
+            node.node_id,
+            "--dram",
+            str(self.dram),
+            "--shm-dir",
+            self.shm_dir,
+            "--grant-secret",
+            self.grant_secret,
+            *self._node_flags,
+        ]
+        generation = len(node.history)
+        log = os.path.join(self.log_dir, f"{node.node_id}.{generation}.log")
+        process = ManagedProcess(f"{node.node_id}#{generation}", argv, NODE_READY, log, self._env)
+        node.process = process
+        node.history.append(process)
+        match = process.wait_ready(self.startup_timeout)
+        node.data_address, node.control_address = match.group(2), match.group(3)
+
+    def stop(self, check: bool = True) -> None:
+        """Stop nodes, then the master; sweep what killed nodes left; raise if a clean exit leaked a pool file."""
+        if self._stopped:
+            return
+        self._stopped = True
+        for client in self._clients:
+            with contextlib.suppress(Exception):
+                client.close()
+        self._clients.clear()
+        if self._channel is not None:
+            self._channel.close()
+            self._channel = None
+        for node in self.nodes:
+            if node.process is not None and node.process.alive():
+                node.process.send_signal(signal.SIGTERM)
+        for node in self.nodes:
+            if node.process is not None:
+                node.process.stop(self.stop_timeout)
+        if self.master is not None:
+            self.master.stop(self.stop_timeout)
+        leaks = self._sweep_pool_files()
+        if self._owns_shm_dir:
+            shutil.rmtree(self.shm_dir, ignore_errors=True)
+        if not self.keep_logs and not leaks:
+            shutil.rmtree(self.log_dir, ignore_errors=True)
+        if leaks and check:
+            raise ClusterError(
+                f"pool files left behind by nodes that exited cleanly: {leaks}\nlogs kept in {self.log_dir}"
+            )
+
+    def _sweep_pool_files(self) -> list[str]:
+        """Remove our nodes' pool files nobody holds; return those of nodes that were not SIGKILLed."""
+        prefixes = {POOL_PREFIX + node.node_id + "-": node for node in self.nodes}
+        leaks: list[str] = []
+        try:
+            names = os.listdir(self.shm_dir)
+        except FileNotFoundError:
+            return leaks
+        for name in names:
+            if not name.startswith(POOL_PREFIX):
+                continue
+            owner = next((node for prefix, node in prefixes.items() if name.startswith(prefix)), None)
+            if owner is None and not self._owns_shm_dir:
+                continue  # another cluster's file in a shared directory
+            path = os.path.join(self.shm_dir, name)
+            if _locked(path):
+                continue  # a live process holds it: not ours to judge
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            if owner is None or not owner.process or not owner.process.killed:
+                leaks.append(name)
+        return leaks
+
+    # ------------------------------------------------------------ node control
+    def kill_node(self, index: int, sig: int = signal.SIGKILL, timeout: float = 10.0) -> int:
+        """Send ``sig`` to node ``index`` and wait for it to exit; return its exit status."""
+        node = self.nodes[index]
+        if node.process is None or not node.process.alive():
+            raise ClusterError(f"node {index} is not running")
+        node.process.send_signal(sig)
+        return node.process.wait_exit(timeout)
+
+    def restart_node(self, index: int) -> NodeHandle:
+        """Start node ``index`` again (same node id, new incarnation); stops it first if it runs."""
+        node = self.nodes[index]
+        if node.process is not None and node.process.alive():
+            node.process.stop(self.stop_timeout)
+        self._start_node(node)
+        self.wait_nodes_alive(len(self.nodes), self.startup_timeout)
+        return node
+
+    def wait_nodes_alive(self, count: int, timeout: float) -> list[pb.NodeStatus]:
+        def enough() -> list[pb.NodeStatus]:
+            self.check_alive()
+            alive = [n for n in self.list_nodes().nodes if n.alive]
+            return alive if len(alive) >= count else []
+
+        return wait_for(enough, timeout, f"{count} live node(s) registered with the master")
+
+    def check_alive(self) -> None:
+        """Raise if the master or a node that should run has died."""
+        procs = [self.master] + [n.process for n in self.nodes if n.process and not n.process.killed]
+        for proc in procs:
+            if proc is not None and not proc.alive() and proc.proc.returncode is not None and not proc.killed:
+                raise ClusterError(f"{proc.name} died with status {proc.proc.returncode}\n{proc.log_tail()}")
+
+    # ------------------------------------------------------------ access
+    @property
+    def channel(self) -> grpc.Channel:
+        if self._channel is None:
+            self._channel = grpc.insecure_channel(self.master_address)
+        return self._channel
+
+    @property
+    def admin(self) -> pb_grpc.AdminStub:
+        return pb_grpc.AdminStub(self.channel)
+
+    @property
+    def kvstore_stub(self) -> pb_grpc.KVStoreStub:
+        return pb_grpc.KVStoreStub(self.channel)
+
+    def call(self, method: Callable[..., _T], request: Any, timeout: float = 10.0) -> _T:
+        """A raw stub call with a deadline; failures come back as KVStoreError."""
+        try:
+            return method(request, timeout=timeout)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from None
+
+    def list_nodes(self) -> pb.ListNodesResponse:
+        return self.call(self.admin.ListNodes, pb.ListNodesRequest())
+
+    def stats(self) -> pb.ClusterStatsResponse:
+        return self.call(self.admin.ClusterStats, pb.ClusterStatsRequest())
+
+    def evict(self, namespace: str = "") -> pb.EvictResponse:
+        return self.call(self.admin.Evict, pb.EvictRequest(namespace=namespace, all=not namespace))
+
+    def client(self, namespace: str, **cfg: Any) -> Any:
+        """A KVStoreClient for this cluster; ``cfg`` are client settings (``transport="tcp"``)."""
+        from kvstore.client import KVStoreClient
+
+        client = KVStoreClient(
+            self.master_address, namespace=namespace, config=kvconfig.load(cfg, environ={})
+        )
+        self._clients.append(client)
+        return client
+
+    def pool_files(self) -> list[str]:
+        try:
+            return sorted(n for n in os.listdir(self.shm_dir) if n.startswith(POOL_PREFIX))
+        except FileNotFoundError:
+            return []
+
+    def processes(self) -> Iterator[ManagedProcess]:
+        if self.master is not None:
+            yield self.master
+        for node in self.nodes:
+            yield from node.history
+
+    def log_tail(self, lines: int = 80) -> str:
+        return "\n".join(p.log_tail(lines) for p in self.processes())
+
+
+def _default_shm_parent() -> str | None:
+    return "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+
+
+def _locked(path: str) -> bool:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Client work in another process (spawn).  Results and KVStoreErrors cross back; KVStoreError does not
+# pickle as itself, so workers return ("error", code name, message) and the parent raises it again.
+
+
+def spawn_context() -> multiprocessing.context.SpawnContext:
+    return multiprocessing.get_context("spawn")
+
+
+@contextlib.contextmanager
+def process_pool(workers: int = 1) -> Iterator[concurrent.futures.ProcessPoolExecutor]:
+    """Spawned worker processes; they are shut down (and joined) on exit."""
+    pool = concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=spawn_context())
+    try:
+        yield pool
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _guarded(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[str, Any, str]:
+    try:
+        return ("ok", fn(*args, **kwargs), "")
+    except KVStoreError as exc:
+        return ("error", exc.code.name, exc.message)
+
+
+def _unwrap(outcome: tuple[str, Any, str]) -> Any:
+    kind, value, message = outcome
+    if kind == "error":
+        raise KVStoreError(ErrorCode[value], message)
+    return value
+
+
+def run_in_process(fn: Callable[..., _T], *args: Any, timeout: float = 60.0, **kwargs: Any) -> _T:
+    """Run ``fn(*args, **kwargs)`` in a fresh spawned interpreter and return its result (or raise its KVStoreError)."""
+    with process_pool(1) as pool:
+        return submit(pool, fn, *args, **kwargs).result(timeout)
+
+
+def submit(
+    pool: concurrent.futures.ProcessPoolExecutor, fn: Callable[..., _T], *args: Any, **kwargs: Any
+) -> concurrent.futures.Future[_T]:
+    """Submit to a spawned pool; the returned future re-raises the worker's KVStoreError as one."""
+    inner = pool.submit(_guarded, fn, args, kwargs)
+    outer: concurrent.futures.Future[_T] = concurrent.futures.Future()
+
+    def done(future: concurrent.futures.Future[tuple[str, Any, str]]) -> None:
+        try:
+            outer.set_result(_unwrap(future.result()))
+        except BaseException as exc:  # noqa: BLE001 - handed to the waiter
+            outer.set_exception(exc)
+
+    inner.add_done_callback(done)
+    return outer
+
+
+def client_for(master: str, namespace: str, transport: str = "auto") -> Any:
+    from kvstore.client import KVStoreClient
+
+    return KVStoreClient(
+        master, namespace=namespace, config=kvconfig.load({"transport": transport}, environ={})
+    )
+
+
+def put_layers(
+    master: str,
+    namespace: str,
+    tokens: np.ndarray,
+    layers: Sequence[np.ndarray],
+    transport: str = "auto",
+    tp_rank: int = 0,
+    tp_size: int = 1,
+    layer_ids: Sequence[int] | None = None,
+) -> list[int]:
+    """Write ``layers[i]`` (``[pages, shard_bytes]``) as layer ``layer_ids[i]``; the pages each call wrote."""
+    client = client_for(master, namespace, transport)
+    try:
+        ids = list(layer_ids) if layer_ids is not None else list(range(len(layers)))
+        return [
+            int(client.put_layer(tokens, layer, kv, tp_rank=tp_rank, tp_size=tp_size))
+            for layer, kv in zip(ids, layers, strict=True)
+        ]
+    finally:
+        _close(client)
+
+
+def get_layers(
+    master: str,
+    namespace: str,
+    tokens: np.ndarray,
+    transport: str = "auto",
+    layers: Sequence[int] | None = None,
+    heads: tuple[int, int] | None = None,
+    lease: Any = None,
+) -> tuple[int, list[np.ndarray]]:
+    """Read a prefix; return (pages, a copy of each asked layer as ``[pages, bytes]``)."""
+    client = client_for(master, namespace, transport)
+    try:
+        kwargs: dict[str, Any] = {"layers": list(layers) if layers is not None else None, "heads": heads}
+        if lease is not None:
+            kwargs["lease"] = lease
+        hit = client.get_prefix(tokens, **kwargs)
+        return int(hit.num_pages), [np.array(hit.layer(i), dtype=np.uint8, copy=True) for i in hit.layers]
+    finally:
+        _close(client)
+
+
+def hold_put_session(
+    master: str,
+    namespace: str,
+    tokens: np.ndarray,
+    layers: Sequence[np.ndarray],
+    layer_ids: Sequence[int],
+    ready: Any,
+    transport: str = "auto",
+) -> None:
+    """Write some layers of a put, tell the parent, then wait to be killed (the session is never finished)."""
+    client = client_for(master, namespace, transport)
+    written = [int(client.put_layer(tokens, layer, kv)) for layer, kv in zip(layer_ids, layers, strict=True)]
+    ready.put(written)
+    while True:  # the parent SIGKILLs this process; nothing to synchronise with
+        time.sleep(3600)
+
+
+def _close(client: Any) -> None:
+    close = getattr(client, "close", None)
+    if callable(close):
+        close()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Deterministic test data: any process can rebuild what another wrote.
+
+
+def prompt(seed: int, length: int, vocab: int = 128_000) -> np.ndarray:
+    """A token sequence that differs from every other seed's from its first token on."""
+    tokens = np.random.default_rng(seed).integers(0, vocab, length, dtype=np.int64)
+    tokens[0] = vocab + seed  # distinct first page for distinct seeds
+    return tokens
+
+
+def page_bytes(seed: int, pages: int, nbytes: int) -> np.ndarray:
+    """``[pages, nbytes]`` of random bytes for one layer (or shard) of one prompt."""
+    return np.random.default_rng(seed).integers(0, 256, (pages, nbytes), dtype=np.uint8)
+
+
+def matched_tokens(result: Any, page_size: int) -> int:
+    """match_prefix's answer as a token count, whether it is a count or an object carrying one."""
+    if isinstance(result, int | np.integer):
+        return int(result)
+    if hasattr(result, "num_tokens"):
+        return int(result.num_tokens)
+    return int(result.num_pages) * page_size
+
+
+def check_serves(cluster: Cluster, transport: str = "auto") -> None:
+    """Assert that the cluster still takes a put and serves it back (after a bad request, a kill...)."""
+    namespace = f"health/{secrets.token_hex(4)}"
+    client = cluster.client(namespace, transport=transport)
+    try:
+        client.create_namespace(page_size=4, num_layers=2, segment_bytes=4096)
+        tokens = prompt(int.from_bytes(secrets.token_bytes(2), "little"), 8)
+        layers = [page_bytes(layer, 2, 4096) for layer in range(2)]
+        written = [client.put_layer(tokens, layer, kv) for layer, kv in enumerate(layers)]
+        if written != [2, 2]:
+            raise AssertionError(f"health put wrote {written} pages per layer, expected [2, 2]")
+        hit = client.get_prefix(tokens)
+        if hit.num_pages != 2 or not all(np.array_equal(hit.layer(i), layers[i]) for i in range(2)):
+            raise AssertionError(f"health get returned {hit.num_pages} pages or different bytes")
+    finally:
+        _close(client)

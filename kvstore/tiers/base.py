@@ -1,0 +1,51 @@
+"""What the storage node needs from a memory tier (DESIGN.md, "Memory, slots and placements").
+
+A tier region is an array of 4 KiB-aligned slots addressed by byte offset into
+its slot area, plus a generation table (u32 per 4 KiB unit) that readers can
+see.  The node keeps the generations in step with the master's slot updates and
+serves the bytes over the TCP data server.  The DRAM pool implements this now;
+VRAM (CuPy) and NVMe (preallocated files) regions slot in behind the same calls.
+
+Byte access is through ``data_view`` (a writable view of the slot area) and
+``data_address`` (its address, for the native copy/hash engine); a tier whose
+bytes are not host memory stages through host memory behind these calls.
+"""
+
+from __future__ import annotations
+
+import abc
+
+import numpy as np
+
+# Slot offsets and generation entries are in units of this many bytes.
+SLOT_UNIT = 4096
+
+
+class Tier(abc.ABC):
+    """One memory region of a node: slots, their generations and their bytes."""
+
+    #: "dram", "vram" or "nvme": the name the master and the stats use.
+    tier: str
+    #: address of the first byte of the slot area (host memory), for native copies and hashes.
+    data_address: int
+
+    @property
+    @abc.abstractmethod
+    def capacity_bytes(self) -> int:
+        """Bytes of the slot area."""
+
+    @abc.abstractmethod
+    def generation(self, slot_offsets: np.ndarray) -> np.ndarray:
+        """Current generation (u32) of each slot, as readers see it."""
+
+    @abc.abstractmethod
+    def set_generation(self, slot_offsets: np.ndarray, generations: np.ndarray) -> None:
+        """Publish new generations for these slots (assignment or free)."""
+
+    @abc.abstractmethod
+    def data_view(self) -> memoryview:
+        """A writable byte view of the whole slot area (offset 0 is slot offset 0)."""
+
+    @abc.abstractmethod
+    def close(self, unlink: bool | None = None) -> None:
+        """Release the region (the owner also removes what it created)."""

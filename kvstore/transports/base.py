@@ -1,0 +1,199 @@
+"""The client's data-plane interface: one call moves many pages and layers of one node.
+
+The control plane answers with :class:`~kvstore._proto.kvstore_pb2.Placements`
+(packed per-page arrays); :func:`node_batches` splits them into one
+:class:`NodeBatch` per node, and a :class:`Transport` moves a whole batch with
+one native copy (shared memory) or a few framed requests (TCP).
+
+The caller's buffer is always ``[len(layers)][num_pages][shard_bytes]``: for a
+put of one layer that is the engine's ``[num_pages, shard_bytes]`` tensor, for
+a read it is ``out``.  Every offset into it or into a slot comes from
+:func:`kvstore.layout.copy_table`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import numpy as np
+
+from kvstore._proto import kvstore_pb2 as pb
+from kvstore.errors import ErrorCode, KVStoreError
+from kvstore.layout import Layout, copy_table
+
+NO_NODE = 0xFFFF
+
+
+@dataclass(frozen=True)
+class NodeBatch:
+    """The pages of one request that live on one node."""
+
+    node: pb.NodeRef
+    grant: pb.Grant
+    pages: np.ndarray  # int64 positions of these pages in the caller's buffer, ascending
+    slot_offsets: np.ndarray  # uint64 slot offsets in the node's pool data area
+    generations: np.ndarray  # uint32 slot generations the placement names
+    slot_bytes: int
+
+    def __len__(self) -> int:
+        return len(self.pages)
+
+
+@dataclass(frozen=True)
+class CopyPlan:
+    """Which bytes move: ``heads`` of ``layers`` of every page of the caller's buffer."""
+
+    layout: Layout
+    layers: list[int]
+    heads: tuple[int, int]
+    buffer: np.ndarray  # flat uint8 view of [len(layers)][num_pages][shard_bytes]
+    num_pages: int
+    shard_bytes: int = field(init=False)
+    runs_per_shard: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "shard_bytes", self.layout.shard_bytes(self.heads))
+        object.__setattr__(self, "runs_per_shard", len(self.layout.shard_runs(self.heads)))
+        expected = len(self.layers) * self.num_pages * self.shard_bytes
+        if self.buffer.dtype != np.uint8 or self.buffer.ndim != 1 or self.buffer.size != expected:
+            raise KVStoreError(
+                ErrorCode.BAD_SIZE, f"copy buffer must be {expected} flat bytes, got {self.buffer.shape}"
+            )
+
+    @property
+    def address(self) -> int:
+        return int(self.buffer.ctypes.data)
+
+    def table(self, batch: NodeBatch, slot_addrs: np.ndarray, to_slots: bool, buf_addr: int) -> np.ndarray:
+        """The (dst, src, len) rows for ``batch``'s pages, shaped [layers, pages, runs, 3].
+
+        ``slot_addrs`` are the batch pages' slot addresses (absolute for a mapped
+        pool, zeros for offsets within the slot); ``buf_addr`` is the buffer's
+        address (0 for offsets within the buffer).  The table is built for every
+        page of the buffer and the batch's pages picked out of it, so the
+        buffer-side offsets stay layout.copy_table's.
+        """
+        all_slots = np.zeros(self.num_pages, dtype=np.uint64)
+        all_slots[batch.pages] = slot_addrs
+        table = copy_table(
+            all_slots,
+            buf_addr,
+            self.layout,
+            self.layers,
+            self.heads,
+            to_slots,
+            buf_page_stride=self.shard_bytes,
+            buf_layer_stride=self.num_pages * self.shard_bytes,
+        )
+        shaped = table.reshape(len(self.layers), self.num_pages, self.runs_per_shard, 3)
+        if len(batch.pages) == self.num_pages:
+            return shaped
+        return shaped[:, batch.pages]
+
+    def slot_ops(self, batch: NodeBatch, to_slots: bool) -> tuple[np.ndarray, np.ndarray]:
+        """Slot-relative ops for a data server: ((slot offset, offset in slot, length) rows, buffer offsets).
+
+        Rows are in table order (layer, page, run), flattened.
+        """
+        table = self.table(batch, np.zeros(len(batch), dtype=np.uint64), to_slots, buf_addr=0)
+        slot_col, buf_col = (0, 1) if to_slots else (1, 0)
+        ops = np.empty(table.shape[:3] + (3,), dtype=np.uint64)
+        ops[..., 0] = batch.slot_offsets[None, :, None]
+        ops[..., 1] = table[..., slot_col]
+        ops[..., 2] = table[..., 2]
+        return ops.reshape(-1, 3), table[..., buf_col].reshape(-1)
+
+    def op_pages(self, batch: NodeBatch) -> np.ndarray:
+        """For each op of :meth:`slot_ops`, the index of its page within the batch."""
+        per_layer = np.repeat(np.arange(len(batch), dtype=np.int64), self.runs_per_shard)
+        return np.tile(per_layer, len(self.layers))
+
+
+def check_batch(batch: NodeBatch, layout: Layout) -> None:
+    if batch.slot_bytes < layout.page_bytes:
+        raise KVStoreError(
+            ErrorCode.INTERNAL,
+            f"placement slot of {batch.slot_bytes} bytes cannot hold a {layout.page_bytes}-byte page",
+        )
+
+
+def node_batches(placements: pb.Placements, pages: np.ndarray) -> tuple[list[NodeBatch], int]:
+    """Group ``pages`` (positions into the placement arrays, ascending) by node.
+
+    Returns the batches and the position of the first page that has no node
+    (one past the last page asked for if every page has one); pages from there
+    on are left out.
+    """
+    node_index = np.frombuffer(placements.node_index, dtype="<u2")
+    slot_offsets = np.frombuffer(placements.slot_offsets, dtype="<u8")
+    generations = np.frombuffer(placements.generations, dtype="<u4")
+    pages = np.asarray(pages, dtype=np.int64)
+    needed = int(pages.max()) + 1 if len(pages) else 0
+    if min(len(node_index), len(slot_offsets), len(generations)) < needed:
+        raise KVStoreError(ErrorCode.INTERNAL, f"placements describe fewer than the {needed} pages asked for")
+    if len(placements.grants) != len(placements.nodes):
+        raise KVStoreError(ErrorCode.INTERNAL, "placements carry one grant per node; these do not")
+    wanted = node_index[pages]
+    unplaced = np.flatnonzero((wanted == NO_NODE) | (wanted >= len(placements.nodes)))
+    first_unplaced = int(pages[unplaced[0]]) if len(unplaced) else needed
+    keep = pages < first_unplaced
+    pages, wanted = pages[keep], wanted[keep]
+    batches = []
+    for idx in np.unique(wanted):
+        mine = pages[wanted == idx]
+        batches.append(
+            NodeBatch(
+                node=placements.nodes[int(idx)],
+                grant=placements.grants[int(idx)],
+                pages=mine,
+                slot_offsets=slot_offsets[mine].astype(np.uint64),
+                generations=generations[mine].astype(np.uint32),
+                slot_bytes=int(placements.slot_bytes),
+            )
+        )
+    return batches, first_unplaced
+
+
+def coalesce(offsets: np.ndarray, lengths: np.ndarray) -> list[tuple[int, int]]:
+    """Merge ranges that follow each other back to back into (begin, end) spans, keeping order."""
+    if len(offsets) == 0:
+        return []
+    offsets = offsets.astype(np.int64)
+    ends = offsets + lengths.astype(np.int64)
+    breaks = np.flatnonzero(offsets[1:] != ends[:-1]) + 1
+    firsts = np.concatenate(([0], breaks))
+    lasts = np.concatenate((breaks - 1, [len(offsets) - 1]))
+    return list(zip(offsets[firsts].tolist(), ends[lasts].tolist(), strict=True))
+
+
+class Transport(ABC):
+    """Moves batches of pages between a caller's buffer and one node's slots."""
+
+    name: ClassVar[str]
+
+    @abstractmethod
+    def write(self, batch: NodeBatch, plan: CopyPlan) -> np.ndarray:
+        """Write the plan's bytes of the batch's pages; return xxh3_64 per run, shaped [layers, pages, runs].
+
+        Raises KVStoreError when any byte may not have landed.
+        """
+
+    @abstractmethod
+    def read(self, batch: NodeBatch, plan: CopyPlan) -> int:
+        """Read the batch's pages into the plan's buffer; return how many leading pages arrived intact.
+
+        A page that is gone, changed during the copy or arrived corrupted ends
+        the count: it and every later page of the batch are misses.
+        """
+
+    @contextlib.contextmanager
+    def in_use(self) -> Iterator[None]:
+        """Held around a transfer so that a transport is not torn down under it."""
+        yield
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release what the transport holds."""

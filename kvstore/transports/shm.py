@@ -1,0 +1,116 @@
+"""Same-host transport: copy straight into / out of the node's mapped DRAM pool.
+
+One native copy per batch (all pages and layers of that node), with the GIL
+released.  Writes hash inside the copy, so the commit checksums cost no second
+pass.  Reads re-check the slot generations after the copy: a slot freed or
+reassigned meanwhile is a miss from that page on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+from collections.abc import Iterator
+
+import numpy as np
+
+from kvstore import native
+from kvstore.errors import ErrorCode, KVStoreError
+from kvstore.tiers.dram import DramPool
+from kvstore.transports.base import CopyPlan, NodeBatch, Transport, check_batch
+
+log = logging.getLogger("kvstore.transports.shm")
+
+
+class ShmTransport(Transport):
+    """One attached pool (one node incarnation)."""
+
+    name = "shm"
+
+    def __init__(self, pool: DramPool, copy_threads: int = 1) -> None:
+        self.pool = pool
+        self._threads = max(1, copy_threads)
+        self._lock = threading.Lock()
+        self._users = 0
+        self._retired = False
+        self._closed = False
+        self._inode = os.stat(pool.path).st_ino
+
+    # -- lifetime: a pool is unmapped only when no transfer is using it
+    @contextlib.contextmanager
+    def in_use(self) -> Iterator[None]:
+        with self._lock:
+            if self._retired:
+                raise KVStoreError(ErrorCode.STALE_INCARNATION, f"pool {self.pool.path} is no longer mapped")
+            self._users += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._users -= 1
+                close_now = self._retired and self._users == 0
+            if close_now:
+                self._close_pool()
+
+    def retire(self) -> None:
+        """No new transfers; unmap once the running ones finish."""
+        with self._lock:
+            self._retired = True
+            close_now = self._users == 0
+        if close_now:
+            self._close_pool()
+
+    def close(self) -> None:
+        self.retire()
+
+    def _close_pool(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        self.pool.close(unlink=False)
+
+    def file_removed(self) -> bool:
+        """True once the node removed its pool file (it stopped): nothing may be written there any more."""
+        try:
+            return os.stat(self.pool.path).st_ino != self._inode
+        except OSError:
+            return True
+
+    # -- data
+    def _check_slots(self, batch: NodeBatch, plan: CopyPlan) -> None:
+        check_batch(batch, plan.layout)
+        self.pool.check_range(batch.slot_offsets, np.full(len(batch), batch.slot_bytes, dtype=np.uint64))
+
+    def write(self, batch: NodeBatch, plan: CopyPlan) -> np.ndarray:
+        self._check_slots(batch, plan)
+        current = self.pool.generation(batch.slot_offsets)
+        if not np.array_equal(current, batch.generations):
+            raise KVStoreError(
+                ErrorCode.SESSION_NOT_FOUND,
+                f"slots on node {batch.node.node_id} were freed or reassigned: the put session was lost",
+            )
+        slot_addrs = np.uint64(self.pool.data_address) + batch.slot_offsets
+        table = plan.table(batch, slot_addrs, to_slots=True, buf_addr=plan.address)
+        hashes = native.copy(table.reshape(-1, 3), with_hashes=True, threads=self._threads)
+        assert hashes is not None
+        return hashes.reshape(table.shape[:3])
+
+    def read(self, batch: NodeBatch, plan: CopyPlan) -> int:
+        self._check_slots(batch, plan)
+        slot_addrs = np.uint64(self.pool.data_address) + batch.slot_offsets
+        table = plan.table(batch, slot_addrs, to_slots=False, buf_addr=plan.address)
+        native.copy(table.reshape(-1, 3), threads=self._threads)
+        # Re-read after the copy: a slot whose generation moved held someone else's bytes at some point.
+        after = self.pool.generation(batch.slot_offsets)
+        changed = np.flatnonzero(after != batch.generations)
+        if len(changed):
+            log.debug(
+                "node %s: slot generation changed under a read at page %d",
+                batch.node.node_id,
+                int(batch.pages[changed[0]]),
+            )
+            return int(changed[0])
+        return len(batch)

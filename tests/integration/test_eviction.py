@@ -1,0 +1,81 @@
+"""Eviction under pressure (invariants 2 and 3): a small node written far beyond its capacity.
+
+Puts keep succeeding or answer NO_ROOM; every matched prefix reads back the
+bytes that were written for it (no page without its parent or a layer); the
+pages under a read lease survive all of it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from kvstore.errors import KVStoreError
+from kvstore.testing import page_bytes, prompt
+
+PAGE = 16
+LAYERS = 4
+SEGMENT = 64 << 10  # 256 KiB slots: a 16 MiB node holds 64 pages
+
+
+def _page_data(seed: int, pages: int) -> list[np.ndarray]:
+    return [page_bytes(seed * 10 + layer, pages, SEGMENT) for layer in range(LAYERS)]
+
+
+def _put(c, tokens: np.ndarray, layers: list[np.ndarray]) -> int:
+    """Write every layer; a NO_ROOM (RESOURCE_EXHAUSTED) answer counts as 0 pages."""
+    try:
+        written = [c.put_layer(tokens, layer, layers[layer]) for layer in range(LAYERS)]
+    except KVStoreError as exc:
+        assert exc.status.name == "RESOURCE_EXHAUSTED", exc
+        return 0
+    assert len(set(written)) == 1
+    return written[0]
+
+
+def test_eviction_under_pressure(make_cluster, client):
+    cluster = make_cluster(dram="16MiB", read_lease_ms=60_000)
+    c = client(cluster, "pressure/ns")
+    c.create_namespace(page_size=PAGE, num_layers=LAYERS, segment_bytes=SEGMENT)
+
+    pinned_tokens = prompt(1000, 4 * PAGE)
+    pinned = _page_data(1000, 4)
+    assert _put(c, pinned_tokens, pinned) == 4
+    lease = c.acquire_prefix(pinned_tokens)
+    assert lease.num_pages == 4
+
+    # 30 chains of base (4 pages) + extension (4 more): 240 pages into 64 slots
+    chains = []
+    written = 0
+    for i in range(30):
+        base = prompt(2000 + i, 4 * PAGE)
+        extended = np.concatenate([base, prompt(3000 + i, 4 * PAGE)])
+        data = _page_data(2000 + i, 8)
+        written += _put(c, base, [d[:4] for d in data])
+        written += _put(c, extended, data)
+        chains.append((extended, data))
+    assert written > 64, f"only {written} pages were written: eviction did not make room"
+
+    stats = cluster.stats()
+    assert sum(t.evictions for n in stats.nodes for t in n.tiers) > 0
+    for n in stats.nodes:
+        for t in n.tiers:
+            assert t.allocated_bytes <= t.capacity_bytes
+
+    found = 0
+    for extended, data in chains:
+        matched = c.match_prefix(extended)
+        hit = c.get_prefix(extended)
+        assert matched % PAGE == 0
+        assert hit.num_pages <= matched // PAGE  # nothing appears between match and get here
+        for layer in range(LAYERS):
+            np.testing.assert_array_equal(hit.layer(layer), data[layer][: hit.num_pages])
+        found += hit.num_pages
+    assert found > 0, "the most recent chains should still be stored"
+
+    # the leased pages were never evicted
+    hit = c.get_prefix(pinned_tokens, lease=lease)
+    assert hit.num_pages == 4
+    for layer in range(LAYERS):
+        np.testing.assert_array_equal(hit.layer(layer), pinned[layer])
+    assert c.match_prefix(pinned_tokens) == 4 * PAGE
+    c.release(lease)
