@@ -204,11 +204,38 @@ class EtcdServer:
             proc.wait()
         self._proc = None
 
-    def pause(self) -> None:
-        """SIGSTOP: clients see an etcd that neither answers nor closes connections."""
-        if self.running():
-            assert self._proc is not None
-            self._proc.send_signal(signal.SIGSTOP)
+    def pause(self, timeout_s: float = 5.0) -> None:
+        """SIGSTOP: clients see an etcd that neither answers nor closes connections.
+
+        Returns once every thread is stopped (signal delivery is asynchronous, and a
+        request sent in between would still be answered).
+        """
+        if not self.running():
+            return
+        assert self._proc is not None
+        self._proc.send_signal(signal.SIGSTOP)
+        deadline = time.monotonic() + timeout_s
+        while not self._all_threads_stopped(self._proc.pid):
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"etcd (pid {self._proc.pid}) did not stop within {timeout_s} s")
+            time.sleep(0.001)
+
+    @staticmethod
+    def _all_threads_stopped(pid: int) -> bool:
+        try:
+            threads = os.listdir(f"/proc/{pid}/task")
+        except FileNotFoundError:
+            return True  # gone
+        for tid in threads:
+            try:
+                with open(f"/proc/{pid}/task/{tid}/stat", "rb") as fh:
+                    # The state follows the parenthesised command name, which may contain spaces.
+                    state = fh.read().rsplit(b")", 1)[1].split()[0]
+            except (FileNotFoundError, IndexError):
+                continue
+            if state not in (b"T", b"t"):
+                return False
+        return True
 
     def resume(self) -> None:
         if self.running():

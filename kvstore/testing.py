@@ -12,8 +12,9 @@ with the process that started them (``PR_SET_PDEATHSIG``), so a test runner
 killed mid-run leaves no services behind.
 
 Nothing here sleeps to synchronise: callers wait for a condition with
-:func:`wait_for`.  The ``*_in_process`` helpers at the end run client work in
-a separate interpreter (multiprocessing spawn: gRPC does not survive fork).
+:func:`wait_for`.  :func:`run_in_process`, :func:`process_pool` and
+:func:`submit` run client work (:func:`put_layers`, :func:`get_layers`...) in
+separate interpreters (multiprocessing spawn: gRPC does not survive fork).
 """
 
 from __future__ import annotations
@@ -252,6 +253,7 @@ class Cluster:
         startup_timeout: float = 30.0,
         stop_timeout: float = 10.0,
         inherit_settings_env: bool = False,
+        extra_env: Mapping[str, str] | None = None,
         keep_logs: bool = False,
         **settings: Any,
     ) -> None:
@@ -279,7 +281,7 @@ class Cluster:
         self.startup_timeout = startup_timeout
         self.stop_timeout = stop_timeout
         self.keep_logs = keep_logs
-        self._env = _child_env(inherit_settings_env)
+        self._env = {**_child_env(inherit_settings_env), **(extra_env or {})}
         self._owns_shm_dir = shm_dir is None
         self.shm_dir = shm_dir or tempfile.mkdtemp(prefix="kvstore-test-", dir=_default_shm_parent())
         self.log_dir = tempfile.mkdtemp(prefix="kvstore-logs-")

@@ -9,6 +9,7 @@ its node is left in the shared-memory directory.
 from __future__ import annotations
 
 import argparse
+import os
 import secrets
 import signal
 import socket
@@ -54,6 +55,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, cfg: kvconfig.Config) -> int:
+    if cfg.port and not _port_free("127.0.0.1", cfg.port):
+        # gRPC binds with SO_REUSEPORT: a second master would share the port instead of failing
+        print(
+            f"kvstore up: 127.0.0.1:{cfg.port} is in use (another kvstore up?); pick --port", file=sys.stderr
+        )
+        return 1
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
@@ -61,7 +68,8 @@ def run(args: argparse.Namespace, cfg: kvconfig.Config) -> int:
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     extra: dict[str, Any] = {"log_level": cfg.log_level}
-    node_id = f"{socket.gethostname()}-{cfg.port}"
+    # unique among the clusters sharing a shm dir, so `up` only ever judges (and sweeps) its own pool file
+    node_id = f"{socket.gethostname()}-{cfg.port or secrets.token_hex(3)}"
     cluster = Cluster(
         1,
         dram=cfg.dram,
@@ -71,6 +79,7 @@ def run(args: argparse.Namespace, cfg: kvconfig.Config) -> int:
         grant_secret=secrets.token_hex(32),
         node_ids=[node_id],
         inherit_settings_env=True,  # KVSTORE_* settings (leases, watermarks...) reach the services
+        extra_env={"KVSTORE_CONFIG": os.path.abspath(args.config)} if args.config else None,
         startup_timeout=60.0,
         **extra,
     )
@@ -89,7 +98,7 @@ def run(args: argparse.Namespace, cfg: kvconfig.Config) -> int:
         )
         print("use it:")
         print(
-            f'  python -c \'from kvstore.client import KVStoreClient; c = KVStoreClient("{address}", namespace="my/model")\''
+            f'  python -c \'from kvstore import KVStoreClient; c = KVStoreClient("{address}", namespace="my/model")\''
         )
         print(f"  kvstore --master {address} stats | nodes | namespaces | evict --all")
         print("stop with Ctrl-C (SIGINT) or SIGTERM", flush=True)
@@ -167,6 +176,15 @@ def run_demo(address: str) -> bool:
     )
     _close(reader)
     return same and matched == expected
+
+
+def _port_free(host: str, port: int) -> bool:
+    with socket.socket() as probe:
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return False
+    return True
 
 
 def _close(client: Any) -> None:

@@ -57,9 +57,17 @@ class AsyncKVStoreClient:
         tp_size: int = 1,
         *,
         contexts: Sequence[bytes] | None = None,
+        reader_host: str = "",
     ) -> int:
         return await asyncio.to_thread(
-            self.sync.put_layer, tokens, layer, kv, tp_rank, tp_size, contexts=contexts
+            self.sync.put_layer,
+            tokens,
+            layer,
+            kv,
+            tp_rank,
+            tp_size,
+            contexts=contexts,
+            reader_host=reader_host,
         )
 
     async def put_layers(
@@ -71,9 +79,17 @@ class AsyncKVStoreClient:
         tp_size: int = 1,
         *,
         contexts: Sequence[bytes] | None = None,
+        reader_host: str = "",
     ) -> int:
         return await asyncio.to_thread(
-            self.sync.put_layers, tokens, layers, kv, tp_rank, tp_size, contexts=contexts
+            self.sync.put_layers,
+            tokens,
+            layers,
+            kv,
+            tp_rank,
+            tp_size,
+            contexts=contexts,
+            reader_host=reader_host,
         )
 
     async def abort(

@@ -232,6 +232,7 @@ class KVStoreClient:
         tp_size: int = 1,
         *,
         contexts: Sequence[bytes] | None = None,
+        reader_host: str = "",
     ) -> int:
         """Store one layer of every full page of ``tokens``; returns the pages written.
 
@@ -239,9 +240,13 @@ class KVStoreClient:
         layer, canonical head-major layout), any dtype, C-contiguous.  Pages
         already stored (or being written by an earlier writer) and pages with no
         room are skipped.  On an error the sequence's put is aborted: start it
-        again from its first layer.
+        again from its first layer.  ``reader_host`` (a host id, see
+        kvstore.hostid) asks for the pages near their future reader; it counts
+        at the sequence's first put only.
         """
-        return self.put_layers(tokens, [layer], kv, tp_rank, tp_size, contexts=contexts)
+        return self.put_layers(
+            tokens, [layer], kv, tp_rank, tp_size, contexts=contexts, reader_host=reader_host
+        )
 
     def put_layers(
         self,
@@ -252,6 +257,7 @@ class KVStoreClient:
         tp_size: int = 1,
         *,
         contexts: Sequence[bytes] | None = None,
+        reader_host: str = "",
     ) -> int:
         """:meth:`put_layer` for several layers at once: ``kv`` is ``[len(layers), num_full_pages, shard_bytes]``."""
         self._check_open()
@@ -281,7 +287,7 @@ class KVStoreClient:
         page_contexts = list(contexts[:num_pages]) if contexts is not None else None
         key = self._session_key(keyed, page_contexts, tp_rank, tp_size)
         session = self._sessions.get_or_open(
-            key, lambda: self._open_put(keyed, num_pages, page_contexts, tp_rank, tp_size, heads)
+            key, lambda: self._open_put(keyed, num_pages, page_contexts, tp_rank, tp_size, heads, reader_host)
         )
 
         done = False
@@ -318,6 +324,7 @@ class KVStoreClient:
         tp_rank: int,
         tp_size: int,
         heads: tuple[int, int],
+        reader_host: str,
     ) -> PutSession:
         request = pb.OpenPutRequest(
             namespace=self.namespace,
@@ -325,6 +332,7 @@ class KVStoreClient:
             tp_rank=tp_rank,
             tp_size=tp_size,
             client_host=self._host,
+            reader_host=reader_host,
         )
         response = self._master.call("OpenPut", request)
         status = np.frombuffer(response.status, dtype=np.uint8)

@@ -9,7 +9,7 @@ import numpy as np
 from kvstore._proto import kvstore_pb2 as pb
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # compare the data yourself: it is an array
 class PrefixHit:
     """The leading pages of a sequence that were found and read.
 
@@ -51,3 +51,8 @@ class Lease:
 
     def __str__(self) -> str:
         return self.lease_id
+
+    def __reduce__(self) -> tuple[type[Lease], tuple[str, int, int, int]]:
+        # Another process gets the id and counts only; it asks the master (DescribeLease), which also
+        # tells it whether the lease is still alive.
+        return Lease, (self.lease_id, self.num_pages, self.num_tokens, self.expires_unix_ms)

@@ -539,8 +539,8 @@ class Master:
         cutoff = int(absent_pos[got]) if got < len(absent_pos) else count
         new_pos = absent_pos[:got]
         new_rows = index.alloc(got)
-        new_keys = b"".join(packed_keys[p * KEY : (p + 1) * KEY] for p in new_pos.tolist())
-        index.insert(ns.ns_id, new_rows, new_keys, node_of_new, slot_of_new, gen_of_new, now)
+        all_keys = np.frombuffer(packed_keys, dtype=np.uint8).reshape(count, KEY)
+        index.insert(ns.ns_id, new_rows, all_keys[new_pos].tobytes(), node_of_new, slot_of_new, gen_of_new, now)
         ns.allocated_bytes += got * layout.slot_bytes
         rows = rows.copy()
         rows[new_pos] = new_rows
@@ -575,7 +575,6 @@ class Master:
 
         # -- tell the nodes about the new slots before anyone writes to them
         parents = np.zeros((count, KEY), dtype=np.uint8)
-        all_keys = np.frombuffer(packed_keys, dtype=np.uint8).reshape(count, KEY)
         parents[1:] = all_keys[:-1]
         if parent_row >= 0:
             parents[0] = np.frombuffer(parent_key, dtype=np.uint8)

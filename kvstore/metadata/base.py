@@ -25,7 +25,7 @@ Conventions shared by both implementations:
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -76,7 +76,11 @@ NODE_RESYNC = "resync"
 
 
 class MetadataBackend(abc.ABC):
-    """Every operation is async and raises KVStoreError(UNAVAILABLE) when the store is unreachable."""
+    """Every operation is async and raises KVStoreError(UNAVAILABLE) when the store is unreachable.
+
+    One instance serves one event loop (its connections belong to it) and holds at
+    most one candidacy/leadership at a time.
+    """
 
     # -- namespaces (values are serialized kvstore.v1.NamespaceSpec)
     @abc.abstractmethod
@@ -144,11 +148,12 @@ class MetadataBackend(abc.ABC):
         """node_id -> info of every live registration."""
 
     @abc.abstractmethod
-    def watch_nodes(self, include_existing: bool = True) -> AsyncIterator[NodeEvent]:
+    def watch_nodes(self, include_existing: bool = True) -> AsyncGenerator[NodeEvent, None]:
         """Registration changes as :class:`NodeEvent` s, for as long as the caller iterates.
 
-        With ``include_existing`` it first yields a put for every live node.  The
-        watch survives store restarts and compaction on its own (see NodeEvent);
+        The watch starts when first pulled; with ``include_existing`` it first yields
+        a put for every node live at that moment, and then every change after it,
+        with no gap.  It survives store restarts and compaction on its own (see NodeEvent);
         cancel the consuming task or close the iterator (``aclose()``) to stop it.
         """
 
@@ -174,11 +179,18 @@ class MetadataBackend(abc.ABC):
 
     @abc.abstractmethod
     async def resign(self) -> None:
-        """Give up the leadership (or candidacy) this backend holds, so a standby takes over now."""
+        """Give up the leadership (or candidacy) this backend holds, so a standby takes over now.
+
+        Cancel a campaign() still pending in another task first, or it goes on campaigning.
+        """
 
     @abc.abstractmethod
     async def leader(self) -> str | None:
         """Address of the current leader, or None while there is none."""
+
+    @abc.abstractmethod
+    async def current_leadership(self) -> Leadership | None:
+        """The current leader's Leadership as the store records it (address, term, token), or None."""
 
     @abc.abstractmethod
     async def list_masters(self) -> list[str]:

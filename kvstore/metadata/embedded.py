@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 
 from kvstore.errors import ErrorCode, KVStoreError
 from kvstore.metadata.base import (
@@ -149,7 +149,7 @@ class EmbeddedBackend(MetadataBackend):
         self._expire()
         return {node_id: reg.info for node_id, reg in self._nodes.items()}
 
-    async def watch_nodes(self, include_existing: bool = True) -> AsyncIterator[NodeEvent]:
+    async def watch_nodes(self, include_existing: bool = True) -> AsyncGenerator[NodeEvent, None]:
         queue: asyncio.Queue[NodeEvent] = asyncio.Queue()
         self._expire()
         if include_existing:
@@ -208,6 +208,9 @@ class EmbeddedBackend(MetadataBackend):
 
     async def leader(self) -> str | None:
         return self._leadership.leader_address if self._leadership else None
+
+    async def current_leadership(self) -> Leadership | None:
+        return self._leadership
 
     async def list_masters(self) -> list[str]:
         masters = set(self._candidates)

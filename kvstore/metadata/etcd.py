@@ -38,7 +38,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import aetcd
@@ -283,12 +283,15 @@ class EtcdBackend(MetadataBackend):
             )
 
     async def _not_leader(self, leadership: Leadership) -> KVStoreError:
-        current = await self._current_leader()
-        where = (
-            f"; the leader is {current.leader_address} (term {current.term})"
-            if current
-            else "; no leader now"
-        )
+        try:
+            current = await self._current_leader()
+            where = (
+                f"; the leader is {current.leader_address} (term {current.term})"
+                if current
+                else "; no leader now"
+            )
+        except KVStoreError:
+            where = ""  # the fence already answered; naming the successor is a courtesy
         kept = self._kept
         if kept is not None and kept.leadership == leadership:
             kept.lose("a fenced write found another leadership in etcd")
@@ -462,7 +465,7 @@ class EtcdBackend(MetadataBackend):
             await asyncio.sleep(delay)
             delay = min(delay * 2, WATCH_BACKOFF_S[1])
 
-    async def watch_nodes(self, include_existing: bool = True) -> AsyncIterator[NodeEvent]:
+    async def watch_nodes(self, include_existing: bool = True) -> AsyncGenerator[NodeEvent, None]:
         known, revision = await self._nodes_snapshot_retrying()
         if include_existing:
             for node_id, info in sorted(known.items()):
@@ -487,7 +490,6 @@ class EtcdBackend(MetadataBackend):
                     "node watch: %s; retrying from revision %d in %.2f s", exc.message, revision + 1, delay
                 )
             if watch is not None:
-                delay = WATCH_BACKOFF_S[0]
                 events = watch.__aiter__()
                 try:
                     while True:
@@ -503,6 +505,7 @@ class EtcdBackend(MetadataBackend):
                                 "node watch interrupted (%s); resuming from revision %d", exc, revision + 1
                             )
                             break
+                        delay = WATCH_BACKOFF_S[0]  # reset only by a watch that delivered something
                         node_id = bytes(event.kv.key[start:]).decode()
                         revision = max(revision, int(event.kv.mod_revision))
                         if event.kind == aetcd.EventKind.PUT:
@@ -525,9 +528,8 @@ class EtcdBackend(MetadataBackend):
                         yield NodeEvent(NODE_PUT, node_id, info)
                 known = current
                 continue
-            if watch is None or not self._closed:
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, WATCH_BACKOFF_S[1])
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, WATCH_BACKOFF_S[1])
 
     async def _cancel_watch(self, watch: Any) -> None:
         with contextlib.suppress(Exception):
@@ -714,6 +716,9 @@ class EtcdBackend(MetadataBackend):
     async def leader(self) -> str | None:
         current = await self._current_leader()
         return current.leader_address if current else None
+
+    async def current_leadership(self) -> Leadership | None:
+        return await self._current_leader()
 
     async def list_masters(self) -> list[str]:
         found = await self._call("list masters", lambda c: c.get_prefix(self._k_masters, keys_only=True))

@@ -164,9 +164,10 @@ class DramPool(Tier):
         from kvstore import native
 
         step = 64 << 20
+        # From HEADER_BYTES: zeroing the header would erase the magic and incarnation written before.
         ops = [
             (self.base_address + off, min(step, len(self.bytes) - off))
-            for off in range(0, len(self.bytes), step)
+            for off in range(HEADER_BYTES, len(self.bytes), step)
         ]
         native.fill(np.array(ops, dtype=np.uint64), 0)
 

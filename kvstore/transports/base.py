@@ -14,6 +14,7 @@ a read it is ``out``.  Every offset into it or into a slot comes from
 from __future__ import annotations
 
 import contextlib
+import functools
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -68,44 +69,53 @@ class CopyPlan:
     def address(self) -> int:
         return int(self.buffer.ctypes.data)
 
-    def table(self, batch: NodeBatch, slot_addrs: np.ndarray, to_slots: bool, buf_addr: int) -> np.ndarray:
-        """The (dst, src, len) rows for ``batch``'s pages, shaped [layers, pages, runs, 3].
+    @functools.cached_property
+    def offsets(self) -> np.ndarray:
+        """(offset in slot, offset in buffer, length) of every run, shaped [layers, pages, runs, 3].
 
-        ``slot_addrs`` are the batch pages' slot addresses (absolute for a mapped
-        pool, zeros for offsets within the slot); ``buf_addr`` is the buffer's
-        address (0 for offsets within the buffer).  The table is built for every
-        page of the buffer and the batch's pages picked out of it, so the
-        buffer-side offsets stay layout.copy_table's.
+        Built once per plan by layout.copy_table (slot address 0, buffer address
+        0) and shared by every node's batch: a node's table only adds its base
+        addresses to its pages' rows.
         """
-        all_slots = np.zeros(self.num_pages, dtype=np.uint64)
-        all_slots[batch.pages] = slot_addrs
         table = copy_table(
-            all_slots,
-            buf_addr,
+            np.zeros(self.num_pages, dtype=np.uint64),
+            0,
             self.layout,
             self.layers,
             self.heads,
-            to_slots,
+            True,
             buf_page_stride=self.shard_bytes,
             buf_layer_stride=self.num_pages * self.shard_bytes,
         )
-        shaped = table.reshape(len(self.layers), self.num_pages, self.runs_per_shard, 3)
-        if len(batch.pages) == self.num_pages:
-            return shaped
-        return shaped[:, batch.pages]
+        return table.reshape(len(self.layers), self.num_pages, self.runs_per_shard, 3)
 
-    def slot_ops(self, batch: NodeBatch, to_slots: bool) -> tuple[np.ndarray, np.ndarray]:
-        """Slot-relative ops for a data server: ((slot offset, offset in slot, length) rows, buffer offsets).
+    def _rows(self, batch: NodeBatch) -> np.ndarray:
+        return self.offsets if len(batch) == self.num_pages else self.offsets[:, batch.pages]
+
+    def table(self, batch: NodeBatch, slot_addrs: np.ndarray, to_slots: bool, buf_addr: int) -> np.ndarray:
+        """The native.copy (dst, src, len) rows for ``batch``'s pages, shaped [layers, pages, runs, 3].
+
+        ``slot_addrs`` are the batch pages' slot addresses, ``buf_addr`` the buffer's.
+        """
+        rows = self._rows(batch)
+        slot_side = rows[..., 0] + np.asarray(slot_addrs, dtype=np.uint64)[None, :, None]
+        buf_side = rows[..., 1] + np.uint64(buf_addr)
+        table = np.empty(rows.shape, dtype=np.uint64)
+        table[..., 0], table[..., 1] = (slot_side, buf_side) if to_slots else (buf_side, slot_side)
+        table[..., 2] = rows[..., 2]
+        return table
+
+    def slot_ops(self, batch: NodeBatch) -> tuple[np.ndarray, np.ndarray]:
+        """Ops for a data server, (slot offset, offset in slot, length) rows, and each op's buffer offset.
 
         Rows are in table order (layer, page, run), flattened.
         """
-        table = self.table(batch, np.zeros(len(batch), dtype=np.uint64), to_slots, buf_addr=0)
-        slot_col, buf_col = (0, 1) if to_slots else (1, 0)
-        ops = np.empty(table.shape[:3] + (3,), dtype=np.uint64)
+        rows = self._rows(batch)
+        ops = np.empty(rows.shape, dtype=np.uint64)
         ops[..., 0] = batch.slot_offsets[None, :, None]
-        ops[..., 1] = table[..., slot_col]
-        ops[..., 2] = table[..., 2]
-        return ops.reshape(-1, 3), table[..., buf_col].reshape(-1)
+        ops[..., 1] = rows[..., 0]
+        ops[..., 2] = rows[..., 2]
+        return ops.reshape(-1, 3), rows[..., 1].reshape(-1)
 
     def op_pages(self, batch: NodeBatch) -> np.ndarray:
         """For each op of :meth:`slot_ops`, the index of its page within the batch."""

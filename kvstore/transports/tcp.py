@@ -124,7 +124,7 @@ class TcpTransport(Transport):
 
     def write(self, batch: NodeBatch, plan: CopyPlan) -> np.ndarray:
         check_batch(batch, plan.layout)
-        ops, buf_offsets = plan.slot_ops(batch, to_slots=True)
+        ops, buf_offsets = plan.slot_ops(batch)
         lengths = ops[:, 2]
         hashes = native.hash_ranges(_ranges(plan.address, buf_offsets, lengths), threads=self._threads)
         grant = batch.grant.SerializeToString()
@@ -158,7 +158,7 @@ class TcpTransport(Transport):
 
     def read(self, batch: NodeBatch, plan: CopyPlan) -> int:
         check_batch(batch, plan.layout)
-        ops, buf_offsets = plan.slot_ops(batch, to_slots=False)
+        ops, buf_offsets = plan.slot_ops(batch)
         lengths = ops[:, 2]
         op_pages = plan.op_pages(batch)
         grant = batch.grant.SerializeToString()

@@ -66,8 +66,13 @@ def test_namespaces_values_and_config_round_trip(etcd: EtcdServer, cluster_name:
             assert await md.put_namespace_if_absent("llama3-8b/bf16", b"spec-2") == b"spec-1"
             assert await md.put_namespace_if_absent("mistral/fp8", b"\x00\xffbinary") is None
             assert await md.get_namespace("llama3-8b/bf16") == b"spec-1"
-            assert await md.list_namespaces() == {"llama3-8b/bf16": b"spec-1", "mistral/fp8": b"\x00\xffbinary"}
-            assert await other_cluster.list_namespaces() == {}, "clusters sharing an etcd must not see each other"
+            assert await md.list_namespaces() == {
+                "llama3-8b/bf16": b"spec-1",
+                "mistral/fp8": b"\x00\xffbinary",
+            }
+            assert await other_cluster.list_namespaces() == {}, (
+                "clusters sharing an etcd must not see each other"
+            )
             assert await md.delete_namespace("mistral/fp8") is True
             assert await md.delete_namespace("mistral/fp8") is False
             assert await md.list_namespaces() == {"llama3-8b/bf16": b"spec-1"}
@@ -90,7 +95,9 @@ def test_namespaces_values_and_config_round_trip(etcd: EtcdServer, cluster_name:
 # ---------------------------------------------------------------- node registrations
 
 
-def test_node_registration_disappears_after_its_ttl_when_keepalives_stop(etcd: EtcdServer, cluster_name: str) -> None:
+def test_node_registration_disappears_after_its_ttl_when_keepalives_stop(
+    etcd: EtcdServer, cluster_name: str
+) -> None:
     async def body() -> None:
         node, master = backend(etcd, cluster_name), backend(etcd, cluster_name)
         try:
@@ -233,6 +240,7 @@ def test_one_candidate_leads_the_other_waits_then_takes_over_on_lease_expiry(
             assert not standby.done(), "the standby must wait while the leader keeps its lease"
             assert a.leading(first) and await a.still_leader(first)
             assert await observer.leader() == "master-a:1"
+            assert await observer.current_leadership() == first
             assert await observer.list_masters() == ["master-a:1", "master-b:1"]
 
             # A dies without resigning (its keepalives stop): its lease lapses and B takes over.
@@ -244,6 +252,7 @@ def test_one_candidate_leads_the_other_waits_then_takes_over_on_lease_expiry(
             assert second.term > first.term and second.token > first.token
             assert failover_s < LEADER_TTL_S + 1.5, f"failover took {failover_s:.2f} s"
             assert await observer.leader() == "master-b:1"
+            assert await observer.current_leadership() == second
             assert await observer.list_masters() == ["master-b:1"]
             assert b.leading(second) and await b.still_leader(second)
         finally:
@@ -321,13 +330,18 @@ def test_stalled_leader_stops_leading_by_its_own_clock(etcd: EtcdServer, cluster
         try:
             first = await a.campaign("master-a:1")
             standby = asyncio.ensure_future(b.campaign("master-b:1"))
-            # Simulate a leader that cannot reach etcd (or was paused): its keepalives stop.
-            assert a._kept is not None and a._kept.task is not None
-            a._kept.task.cancel()
+
+            # Partition the leader from etcd: its keepalives time out from now on.
+            async def partitioned(lease_id: int, timeout_s: float | None = None) -> int:
+                await asyncio.sleep(timeout_s or 1.0)
+                raise KVStoreError(ErrorCode.UNAVAILABLE, "partitioned")
+
+            a._refresh = partitioned  # type: ignore[method-assign]
             stalled = time.monotonic()
             reason = await asyncio.wait_for(a.wait_lost(first), 3)
             assert "no keepalive" in reason
-            assert time.monotonic() - stalled <= LEADER_TTL_S  # before etcd can expire the lease
+            # It stops before etcd can expire the lease: no keepalive for a whole TTL, less the margin.
+            assert time.monotonic() - stalled <= LEADER_TTL_S
             assert not a.leading(first)
             with pytest.raises(KVStoreError) as err:
                 await a.put_if_leader("epoch", b"stale", first)

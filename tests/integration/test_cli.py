@@ -179,3 +179,14 @@ def test_bench_quick_smoke(tmp_path):
         )
     assert report["machine"]["cores"] >= 1 and report["limits"]["memcpy_gbps"] > 0
     assert np.isfinite(report["limits"]["loopback_gbps"])
+
+
+def test_up_refuses_a_port_in_use(shm_dir):
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        result = kvstore("up", "--port", str(port), "--dram", "16MiB", "--shm-dir", shm_dir, "--demo-exit")
+    assert result.returncode == 1
+    assert "in use" in result.stderr
+    assert _pool_files(shm_dir) == []

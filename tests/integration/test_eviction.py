@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from kvstore.errors import KVStoreError
-from kvstore.testing import page_bytes, prompt
+from kvstore.testing import page_bytes, prompt, wait_for
 
 PAGE = 16
 LAYERS = 4
@@ -33,7 +33,7 @@ def _put(c, tokens: np.ndarray, layers: list[np.ndarray]) -> int:
 
 
 def test_eviction_under_pressure(make_cluster, client):
-    cluster = make_cluster(dram="16MiB", read_lease_ms=60_000)
+    cluster = make_cluster(dram="16MiB", read_lease_ms=60_000, quarantine_ms=200)
     c = client(cluster, "pressure/ns")
     c.create_namespace(page_size=PAGE, num_layers=LAYERS, segment_bytes=SEGMENT)
 
@@ -43,17 +43,23 @@ def test_eviction_under_pressure(make_cluster, client):
     lease = c.acquire_prefix(pinned_tokens)
     assert lease.num_pages == 4
 
-    # 30 chains of base (4 pages) + extension (4 more): 240 pages into 64 slots
-    chains = []
+    # chains of base (4 pages) + extension (4 more) until twice the node's 64 slots went in.  Evicted
+    # slots sit out a 200 ms quarantine, during which puts get NO_ROOM: keep writing until time brings room.
+    chains: list[tuple[np.ndarray, list[np.ndarray]]] = []
     written = 0
-    for i in range(30):
+
+    def write_next_chain() -> bool:
+        nonlocal written
+        i = len(chains)
         base = prompt(2000 + i, 4 * PAGE)
         extended = np.concatenate([base, prompt(3000 + i, 4 * PAGE)])
         data = _page_data(2000 + i, 8)
         written += _put(c, base, [d[:4] for d in data])
         written += _put(c, extended, data)
         chains.append((extended, data))
-    assert written > 64, f"only {written} pages were written: eviction did not make room"
+        return written >= 2 * 64
+
+    wait_for(write_next_chain, 30.0, "128 pages to be written into a 64-slot node")
 
     stats = cluster.stats()
     assert sum(t.evictions for n in stats.nodes for t in n.tiers) > 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 
 import numpy as np
@@ -67,6 +68,10 @@ def test_stop_sweeps_files_of_killed_nodes():
 
 
 def test_start_failure_reports_the_log():
+    cluster = Cluster(1, dram="1", startup_timeout=30)  # a node cannot have a 1-byte pool
     with pytest.raises(ClusterError) as err:
-        Cluster(1, dram="1", startup_timeout=30).start()  # a node cannot have a 1-byte pool
-    assert "node0" in str(err.value)
+        cluster.start()
+    assert "node0" in str(err.value) and "exited with status" in str(err.value)
+    assert cluster.master is not None and not cluster.master.alive()  # what did start was stopped
+    assert os.path.isdir(cluster.log_dir)  # kept for the post-mortem
+    shutil.rmtree(cluster.log_dir)

@@ -11,6 +11,8 @@ import time
 import numpy as np
 import pytest
 
+from kvstore import keys
+from kvstore._proto import kvstore_pb2 as pb
 from kvstore.errors import ErrorCode, KVStoreError
 from kvstore.testing import get_layers, page_bytes, prompt, wait_for
 
@@ -27,6 +29,10 @@ def _fill(c, seed: int, pages: int) -> tuple[np.ndarray, list[np.ndarray]]:
     return tokens, layers
 
 
+def _slots(response: pb.AcquirePrefixResponse) -> list[int]:
+    return np.frombuffer(response.placements.slot_offsets, dtype="<u8")[: response.num_pages].tolist()
+
+
 def _create(client_factory, cluster, namespace, **cfg):
     c = client_factory(cluster, namespace, **cfg)
     c.create_namespace(page_size=PAGE, num_layers=LAYERS, segment_bytes=SEGMENT)
@@ -39,15 +45,35 @@ def test_lease_is_usable_from_another_process(cluster, client, workers, namespac
     lease = c.acquire_prefix(tokens)
     assert lease.num_pages == 5 and lease.num_tokens == 5 * PAGE
     try:
-        # the Lease object (with its placements) and the bare lease id both work elsewhere
-        for handle, transport in ((lease, "shm"), (lease.lease_id, "tcp"), (lease.lease_id, "shm")):
+        for transport in ("shm", "tcp"):
             pages, got = workers.run(
-                "reader", get_layers, cluster.master_address, namespace, tokens, transport, lease=handle
+                "reader",
+                get_layers,
+                cluster.master_address,
+                namespace,
+                tokens,
+                transport,
+                lease=lease.lease_id,
             )
             assert pages == 5
             np.testing.assert_array_equal(got[1], layers[1])
+        # the lease is the reader's to use, not to end: it is still there for its owner
+        assert cluster.evict(namespace).pages_skipped_leased == 5
     finally:
         assert c.release(lease) is True
+
+
+def test_lease_object_crosses_processes(cluster, client, workers, namespace):
+    """A Lease handed to a worker pool as is (pickled with its placements) reads there too."""
+    c = _create(client, cluster, namespace)
+    tokens, layers = _fill(c, 34, 2)
+    lease = c.acquire_prefix(tokens)
+    try:
+        pages, got = workers.run("reader", get_layers, cluster.master_address, namespace, tokens, lease=lease)
+        assert pages == 2
+        np.testing.assert_array_equal(got[0], layers[0])
+    finally:
+        c.release(lease)
 
 
 def test_release_ends_the_lease(cluster, client, workers, namespace):
@@ -108,6 +134,12 @@ def test_stale_lease_after_slot_reuse_reads_a_miss(make_cluster, client, transpo
         assert c.put_layer(old_tokens, layer, old[layer]) == 2
     lease = c.acquire_prefix(old_tokens)
     assert lease.num_pages == 2
+    old_slots = set(
+        _slots(
+            cluster.call(cluster.kvstore_stub.DescribeLease, pb.DescribeLeaseRequest(lease_id=lease.lease_id))
+        )
+    )
+    assert len(old_slots) == 2
 
     # let the lease lapse, evict the pages, wait out the quarantine
     wait_for(
@@ -124,6 +156,8 @@ def test_stale_lease_after_slot_reuse_reads_a_miss(make_cluster, client, transpo
     # fill every slot with other data
     foreign = [page_bytes(500 + layer, 1, slot_segment) for layer in range(4)]
     written = 0
+    reused: set[int] = set()
+    root = keys.namespace_root(namespace)
     for seed in range(41, 41 + 24):
         tokens = prompt(seed, PAGE)
         try:
@@ -132,7 +166,14 @@ def test_stale_lease_after_slot_reuse_reads_a_miss(make_cluster, client, transpo
             assert exc.status.name == "RESOURCE_EXHAUSTED"
             continue
         written += got[0]
+        request = pb.AcquirePrefixRequest(
+            namespace=namespace, keys=keys.pack_keys(keys.page_keys(root, tokens, PAGE))
+        )
+        taken = cluster.call(cluster.kvstore_stub.AcquirePrefix, request)
+        reused |= old_slots & set(_slots(taken))
+        cluster.call(cluster.kvstore_stub.ReleaseLease, pb.ReleaseLeaseRequest(lease_id=taken.lease_id))
     assert written >= 8, f"only {written} pages written into a 16-slot node"
+    assert reused, "the old pages' slots were not reused: the test proves nothing"
 
     # the stale lease (with its cached placements) must not hand back the foreign bytes
     try:

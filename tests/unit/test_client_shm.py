@@ -29,8 +29,14 @@ def pool(tmp_path) -> Iterator[DramPool]:  # type: ignore[no-untyped-def]
 
 
 def node_ref(pool: DramPool, node_id: str = "node-a") -> pb.NodeRef:
-    return pb.NodeRef(node_id=node_id, incarnation=pool.header.incarnation, data_address="127.0.0.1:1",
-                      pool_path=pool.path, pool_data_offset=pool.header.data_offset, pool_bytes=len(pool.bytes))
+    return pb.NodeRef(
+        node_id=node_id,
+        incarnation=pool.header.incarnation,
+        data_address="127.0.0.1:1",
+        pool_path=pool.path,
+        pool_data_offset=pool.header.data_offset,
+        pool_bytes=len(pool.bytes),
+    )
 
 
 def placements(pool: DramPool, slots: list[int], generation: int = 7) -> pb.Placements:
@@ -124,7 +130,9 @@ def test_generation_changed_during_the_copy_truncates_the_hit(pool: DramPool, mo
     def copy_then_free_page_1(ops, with_hashes=False, threads=1):  # type: ignore[no-untyped-def]
         result = real_copy(ops, with_hashes=with_hashes, threads=threads)
         # the master freed page 1's slot and a writer reused it while we copied
-        pool.set_generation(np.array([1 * LAYOUT.slot_bytes], dtype=np.uint64), np.array([8], dtype=np.uint32))
+        pool.set_generation(
+            np.array([1 * LAYOUT.slot_bytes], dtype=np.uint64), np.array([8], dtype=np.uint32)
+        )
         return result
 
     monkeypatch.setattr(shm_module.native, "copy", copy_then_free_page_1)
@@ -163,8 +171,12 @@ def test_selector_maps_same_host_pools_and_falls_back_to_tcp(pool: DramPool, tmp
         stale = node_ref(pool)
         stale.incarnation = os.urandom(16)  # the node restarted: the placement names another incarnation
         assert isinstance(selector.for_node(stale), TcpTransport)
-        assert isinstance(selector.for_node(pb.NodeRef(node_id="remote", incarnation=os.urandom(16),
-                                                       pool_path="/nonexistent/pool")), TcpTransport)
+        assert isinstance(
+            selector.for_node(
+                pb.NodeRef(node_id="remote", incarnation=os.urandom(16), pool_path="/nonexistent/pool")
+            ),
+            TcpTransport,
+        )
         assert isinstance(selector.for_node(pb.NodeRef(node_id="no-pool")), TcpTransport)
     finally:
         selector.close()

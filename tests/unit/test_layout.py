@@ -12,7 +12,9 @@ from kvstore.layout import SLOT_ALIGN, Layout, copy_table, shard_checksums
 
 
 def mha(kv_heads: int = 8, head_dim: int = 4, page_size: int = 4, layers: int = 3) -> Layout:
-    return Layout.build("t/mha", page_size, layers, kind="mha", kv_heads=kv_heads, head_dim=head_dim, dtype="float16")
+    return Layout.build(
+        "t/mha", page_size, layers, kind="mha", kv_heads=kv_heads, head_dim=head_dim, dtype="float16"
+    )
 
 
 def test_geometry_sizes() -> None:
@@ -114,8 +116,16 @@ def test_copy_table_moves_the_right_bytes(heads: tuple[int, int]) -> None:
         assert int(sums[1, 2]) == xxhash.xxh3_64_intdigest(got[1, 2].tobytes())
     # and back: write the buffer into fresh slots, the same bytes land in the same places
     fresh = np.zeros_like(slots)
-    back = copy_table(fresh.ctypes.data + pages * lay.slot_bytes, buf.ctypes.data, lay, layers, heads, True,
-                      shard, len(pages) * shard)
+    back = copy_table(
+        fresh.ctypes.data + pages * lay.slot_bytes,
+        buf.ctypes.data,
+        lay,
+        layers,
+        heads,
+        True,
+        shard,
+        len(pages) * shard,
+    )
     write_hashes = native.copy(back, with_hashes=True)
     np.testing.assert_array_equal(write_hashes, hashes)  # same bytes, same run hashes
     mask = np.zeros_like(slots, dtype=bool)

@@ -58,7 +58,7 @@ def test_values_and_cluster_config() -> None:
         assert await md.get_value("grant_secret") == b"a"
         assert await md.get_value("missing") is None
         assert await md.get_cluster_config() is None
-        await md.put_cluster_config(b'high_watermark = 0.9\n')
+        await md.put_cluster_config(b"high_watermark = 0.9\n")
         assert await md.get_cluster_config() == b"high_watermark = 0.9\n"
 
     run(body())
@@ -140,6 +140,7 @@ def test_first_campaign_leads_with_term_one_and_terms_grow() -> None:
         assert (first.term, first.leader_address) == (1, "master-a:50051")
         assert md.leading(first) and await md.still_leader(first)
         assert await md.leader() == "master-a:50051"
+        assert await md.current_leadership() == first
 
         standby = asyncio.ensure_future(md.campaign("master-b:50051"))
         await asyncio.sleep(0.05)
@@ -153,6 +154,7 @@ def test_first_campaign_leads_with_term_one_and_terms_grow() -> None:
         assert await lost == "resigned"
         assert not md.leading(first) and not await md.still_leader(first)
         assert await md.leader() == "master-b:50051"
+        assert await md.current_leadership() == second
         assert await md.list_masters() == ["master-b:50051"]
 
         await md.resign()
