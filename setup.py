@@ -35,6 +35,11 @@ def generate_stubs() -> None:
     ]
     if protoc.main(args) != 0:
         raise RuntimeError("protoc failed on proto/kvstore.proto")
+    messages_file = OUT / "kvstore_pb2.py"
+    # Messages must know their real module, or pickling them (e.g. across spawn) fails.
+    messages_file.write_text(
+        messages_file.read_text().replace("(DESCRIPTOR, 'kvstore_pb2', _globals)", "(DESCRIPTOR, 'kvstore._proto.kvstore_pb2', _globals)")
+    )
     grpc_file = OUT / "kvstore_pb2_grpc.py"
     # protoc emits a top-level import; the stubs live inside the package.
     text = re.sub(r"^import kvstore_pb2 as", "from . import kvstore_pb2 as", grpc_file.read_text(), flags=re.M)

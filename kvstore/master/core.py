@@ -511,8 +511,11 @@ class Master:
         layout = ns.layout
         heads = layout.head_range(tp_rank, tp_size)
         count = len(packed_keys) // KEY
-        if len(set(packed_keys[i : i + KEY] for i in range(0, len(packed_keys), KEY))) != count:
+        distinct = set(packed_keys[i : i + KEY] for i in range(0, len(packed_keys), KEY))
+        if len(distinct) != count:
             raise KVStoreError(ErrorCode.BAD_KEYS, "duplicate page keys in one request")
+        if parent_key in distinct:
+            raise KVStoreError(ErrorCode.BAD_KEYS, "parent_key is one of the request's own page keys")
         index = self.index
         now = self.clock()
         expires = now + self._lease_s(lease_ms, self.cfg.write_lease_ms)
@@ -540,7 +543,9 @@ class Master:
         new_pos = absent_pos[:got]
         new_rows = index.alloc(got)
         all_keys = np.frombuffer(packed_keys, dtype=np.uint8).reshape(count, KEY)
-        index.insert(ns.ns_id, new_rows, all_keys[new_pos].tobytes(), node_of_new, slot_of_new, gen_of_new, now)
+        index.insert(
+            ns.ns_id, new_rows, all_keys[new_pos].tobytes(), node_of_new, slot_of_new, gen_of_new, now
+        )
         ns.allocated_bytes += got * layout.slot_bytes
         rows = rows.copy()
         rows[new_pos] = new_rows
@@ -591,7 +596,8 @@ class Master:
                 layout.slot_bytes,
             )
         results = await asyncio.gather(*(self.notifier.flush(node) for node in touched))
-        if not all(results):
+        # a node may also have been dropped while we waited (its queue, and our pages, went with it)
+        if not all(results) or any(node not in self.nodes.by_index for node in touched):
             freed = self.sessions.abort(session.session_id)
             if freed is not None:
                 self._free_rows(freed)
@@ -758,8 +764,11 @@ class Master:
             slot_offsets[placed] = index.slot[placed_rows]
             generations[placed] = index.generation[placed_rows]
             expires_ms = int(expires * 1000)
-            for position, node in enumerate(_unique_in_order(node_of)):
-                record = self.nodes.by_index[node]
+            position = 0
+            for node in _unique_in_order(node_of):
+                record = self.nodes.by_index.get(node)
+                if record is None:
+                    continue  # gone with its node: no placement (the reader sees a miss)
                 sel = node_of == node
                 node_index[placed[sel]] = position
                 msg.nodes.append(record.ref)
@@ -775,6 +784,7 @@ class Master:
                         rights,
                     )
                 )
+                position += 1
         msg.node_index = node_index.astype("<u2").tobytes()
         msg.slot_offsets = slot_offsets.astype("<u8").tobytes()
         msg.generations = generations.astype("<u4").tobytes()

@@ -44,6 +44,7 @@ class Harness:
         self.updates: dict[int, list[pb.SlotUpdates]] = {}
         self.down: set[int] = set()
         self.silent: set[str] = set()  # nodes that stop heartbeating
+        self.on_send: Callable[[int], None] | None = None
         self.master = Master(self.cfg, EmbeddedBackend(), clock=self.clock, sender=self._send)
         self.inventory: dict[str, pb.InventoryResponse] = {}
 
@@ -56,6 +57,8 @@ class Harness:
     async def _send(self, node: int, msg: pb.SlotUpdates) -> None:
         if node in self.down:
             raise ConnectionError("down")
+        if self.on_send is not None:
+            self.on_send(node)
         self.updates.setdefault(node, []).append(msg)
 
     def node(self, node_id: str, capacity: int = 16 * MiB, host: str = "h1", incarnation: bytes = b"") -> int:
@@ -108,8 +111,11 @@ class Harness:
         run(self.master.notifier.flush_all())
 
 
+_LOOP = asyncio.new_event_loop()  # one loop for every test: the master's asyncio objects live on it
+
+
 def run(coro: Awaitable[Any]) -> Any:
-    return asyncio.get_event_loop_policy().get_event_loop().run_until_complete(coro)
+    return _LOOP.run_until_complete(coro)
 
 
 def status(resp: pb.OpenPutResponse) -> list[int]:
@@ -297,6 +303,7 @@ def test_open_put_validation(h: Harness) -> None:
     expect(ErrorCode.BAD_KEYS, lambda: h.put(packed[:16] * 2))
     expect(ErrorCode.BAD_RANGE, lambda: h.put(packed, tp_rank=2, tp_size=2))
     expect(ErrorCode.INVALID_ARGUMENT, lambda: h.put(packed[16:], parent_key=bytes(range(16))))
+    expect(ErrorCode.BAD_KEYS, lambda: h.put(packed, parent_key=packed[16:]))
 
 
 def test_parent_key_continues_a_stored_chain(h: Harness) -> None:
@@ -449,6 +456,15 @@ def test_unreachable_node_fails_the_put_and_is_declared_dead() -> None:
     h.clock.now += 2.0
     h.flush()  # still failing after the node TTL
     assert not h.master.nodes.live()
+
+
+def test_node_lost_while_open_put_waits_for_it() -> None:
+    h = Harness()
+    h.node("a")
+    h.namespace()
+    h.on_send = lambda node: h.master._drop_node(h.master.nodes.by_index[node])
+    expect(ErrorCode.UNAVAILABLE, lambda: h.put(h.keys(range(8))))
+    assert len(h.master.index) == 0 and not h.master.nodes.live()
 
 
 # ---------------------------------------------------------------- namespaces and extras
