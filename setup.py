@@ -38,11 +38,15 @@ def generate_stubs() -> None:
     messages_file = OUT / "kvstore_pb2.py"
     # Messages must know their real module, or pickling them (e.g. across spawn) fails.
     messages_file.write_text(
-        messages_file.read_text().replace("(DESCRIPTOR, 'kvstore_pb2', _globals)", "(DESCRIPTOR, 'kvstore._proto.kvstore_pb2', _globals)")
+        messages_file.read_text().replace(
+            "(DESCRIPTOR, 'kvstore_pb2', _globals)", "(DESCRIPTOR, 'kvstore._proto.kvstore_pb2', _globals)"
+        )
     )
     grpc_file = OUT / "kvstore_pb2_grpc.py"
     # protoc emits a top-level import; the stubs live inside the package.
-    text = re.sub(r"^import kvstore_pb2 as", "from . import kvstore_pb2 as", grpc_file.read_text(), flags=re.M)
+    text = re.sub(
+        r"^import kvstore_pb2 as", "from . import kvstore_pb2 as", grpc_file.read_text(), flags=re.M
+    )
     grpc_file.write_text(text)
     (OUT / "__init__.py").write_text('"""Generated gRPC stubs (from proto/kvstore.proto by setup.py)."""\n')
 

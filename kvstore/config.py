@@ -84,34 +84,60 @@ MASTER, NODE, CLIENT, CLI = "master", "node", "client", "cli"
 
 SETTINGS: tuple[Setting, ...] = (
     # -- where things listen
-    Setting("host", str, "127.0.0.1", (MASTER, NODE), "address services bind to (loopback unless told otherwise)"),
+    Setting(
+        "host", str, "127.0.0.1", (MASTER, NODE), "address services bind to (loopback unless told otherwise)"
+    ),
     Setting("port", int, 50051, (MASTER,), "master gRPC port"),
     Setting("node_port", int, 0, (NODE,), "node gRPC control port (0: any free port)"),
     Setting("data_port", int, 0, (NODE,), "node TCP data-server port (0: any free port)"),
-    Setting("advertise_host", str, "", (NODE,), "host name other hosts use to reach this node (default: --host)"),
+    Setting(
+        "advertise_host", str, "", (NODE,), "host name other hosts use to reach this node (default: --host)"
+    ),
     Setting("master", str, "127.0.0.1:50051", (NODE, CLIENT, CLI), "master address(es), comma separated"),
-    Setting("etcd", str, "", (MASTER, NODE), "etcd endpoints HOST:PORT[,...]; empty: embedded metadata backend"),
-    Setting("cluster", str, "default", (MASTER, NODE), "cluster name: its etcd keys live under /kvstore/<cluster>/"),
+    Setting(
+        "etcd", str, "", (MASTER, NODE), "etcd endpoints HOST:PORT[,...]; empty: embedded metadata backend"
+    ),
+    Setting(
+        "cluster",
+        str,
+        "default",
+        (MASTER, NODE),
+        "cluster name: its etcd keys live under /kvstore/<cluster>/",
+    ),
     # -- node memory
     Setting("node_id", str, "", (NODE,), "stable node name (default: host name + data port)"),
     Setting("dram", parse_size, parse_size("1GiB"), (NODE,), "DRAM tier capacity (slot area)"),
     Setting("shm_dir", str, "/dev/shm", (NODE,), "directory of DRAM pool files (tmpfs)"),
-    Setting("prefault", _parse_bool, True, (NODE,), "touch every pool page at start so first writes do not fault"),
+    Setting(
+        "prefault", _parse_bool, True, (NODE,), "touch every pool page at start so first writes do not fault"
+    ),
     # -- master policy
     Setting("read_lease_ms", int, 30_000, (MASTER,), "default read lease"),
     Setting("write_lease_ms", int, 30_000, (MASTER,), "default write lease of a put session"),
     Setting("max_lease_ms", int, 300_000, (MASTER,), "longest lease a client may ask for"),
-    Setting("quarantine_ms", int, -1, (MASTER,), "how long a freed slot waits before reuse (-1: the write lease)"),
+    Setting(
+        "quarantine_ms", int, -1, (MASTER,), "how long a freed slot waits before reuse (-1: the write lease)"
+    ),
     Setting("heartbeat_ms", int, 1_000, (MASTER, NODE), "node heartbeat interval"),
     Setting("node_ttl_ms", int, 5_000, (MASTER,), "a node silent this long is dead"),
     Setting("arena_bytes", parse_size, parse_size("16MiB"), (MASTER,), "allocation unit of node regions"),
     Setting("high_watermark", _parse_fraction, 0.95, (MASTER,), "evict when a region is fuller than this"),
     Setting("low_watermark", _parse_fraction, 0.85, (MASTER,), "... down to this"),
     Setting("max_request_pages", int, 65_536, (MASTER,), "most pages in one request"),
-    Setting("max_message_bytes", parse_size, parse_size("64MiB"), (MASTER, NODE, CLIENT), "largest gRPC message"),
+    Setting(
+        "max_message_bytes", parse_size, parse_size("64MiB"), (MASTER, NODE, CLIENT), "largest gRPC message"
+    ),
     Setting("max_extra_bytes", parse_size, parse_size("1MiB"), (MASTER,), "largest extra blob"),
-    Setting("extras_budget", parse_size, parse_size("256MiB"), (MASTER,), "memory for extras (LRU beyond it)"),
-    Setting("grant_secret", str, "", (MASTER, NODE), "hex HMAC key for grants; empty: master makes one and hands it to nodes"),
+    Setting(
+        "extras_budget", parse_size, parse_size("256MiB"), (MASTER,), "memory for extras (LRU beyond it)"
+    ),
+    Setting(
+        "grant_secret",
+        str,
+        "",
+        (MASTER, NODE),
+        "hex HMAC key for grants; empty: master makes one and hands it to nodes",
+    ),
     # -- client
     Setting("rpc_timeout_ms", int, 10_000, (CLIENT, CLI, NODE), "deadline of each control RPC"),
     Setting("transport", str, "auto", (CLIENT,), "auto | shm | tcp: force a data path"),
@@ -153,7 +179,13 @@ class Config:
             value = self._values[s.name]
             if s.name == "grant_secret" and value:
                 value = "<set>"
-            rendered = str(value).lower() if isinstance(value, bool) else repr(value) if isinstance(value, str) else str(value)
+            rendered = (
+                str(value).lower()
+                if isinstance(value, bool)
+                else repr(value)
+                if isinstance(value, str)
+                else str(value)
+            )
             lines.append(f"{s.name} = {rendered.replace(chr(39), chr(34))}  # {s.help}")
         return "\n".join(lines) + "\n"
 
@@ -202,7 +234,9 @@ def add_flags(parser: argparse.ArgumentParser, component: str) -> None:
     parser.add_argument("--config", help="TOML file of settings (env KVSTORE_CONFIG)")
     for s in SETTINGS:
         if component in s.components:
-            parser.add_argument(s.flag, dest=s.name, default=None, help=f"{s.help} [{s.env}; default {s.default}]")
+            parser.add_argument(
+                s.flag, dest=s.name, default=None, help=f"{s.help} [{s.env}; default {s.default}]"
+            )
 
 
 def from_args(args: argparse.Namespace, extra: Iterable[str] = ()) -> Config:

@@ -35,10 +35,19 @@ class ErrorCode(enum.Enum):
     LEASE_NOT_FOUND = (grpc.StatusCode.NOT_FOUND, "read lease unknown, released or expired")
     EXTRA_NOT_FOUND = (grpc.StatusCode.NOT_FOUND, "no extra of that name for that sequence")
     NODE_NOT_FOUND = (grpc.StatusCode.NOT_FOUND, "node is not registered")
-    NAMESPACE_MISMATCH = (grpc.StatusCode.FAILED_PRECONDITION, "namespace exists with a different layout or fingerprint")
+    NAMESPACE_MISMATCH = (
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "namespace exists with a different layout or fingerprint",
+    )
     NOT_LEADER = (grpc.StatusCode.FAILED_PRECONDITION, "this master is not the leader")
-    STALE_INCARNATION = (grpc.StatusCode.FAILED_PRECONDITION, "node restarted; placement refers to an old incarnation")
-    BAD_GRANT = (grpc.StatusCode.UNAUTHENTICATED, "grant signature invalid, expired or not covering the request")
+    STALE_INCARNATION = (
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "node restarted; placement refers to an old incarnation",
+    )
+    BAD_GRANT = (
+        grpc.StatusCode.UNAUTHENTICATED,
+        "grant signature invalid, expired or not covering the request",
+    )
     UNAVAILABLE = (grpc.StatusCode.UNAVAILABLE, "a service could not be reached")
     DEADLINE = (grpc.StatusCode.DEADLINE_EXCEEDED, "an operation did not finish in time")
     INTERNAL = (grpc.StatusCode.INTERNAL, "a bug: please report it")

@@ -25,8 +25,15 @@ WRITE = 2
 _HEADER = struct.Struct("<16sQQI")
 
 
-def _message(node_id: str, incarnation: bytes, slots: bytes, generations: bytes, expires_ms: int, term: int,
-             rights: int) -> bytes:
+def _message(
+    node_id: str,
+    incarnation: bytes,
+    slots: bytes,
+    generations: bytes,
+    expires_ms: int,
+    term: int,
+    rights: int,
+) -> bytes:
     nid = node_id.encode()
     return b"".join(
         (
@@ -41,14 +48,33 @@ def _message(node_id: str, incarnation: bytes, slots: bytes, generations: bytes,
     )
 
 
-def sign(secret: bytes, node_id: str, incarnation: bytes, slots: np.ndarray, generations: np.ndarray,
-         expires_ms: int, term: int, rights: int) -> pb.Grant:
+def sign(
+    secret: bytes,
+    node_id: str,
+    incarnation: bytes,
+    slots: np.ndarray,
+    generations: np.ndarray,
+    expires_ms: int,
+    term: int,
+    rights: int,
+) -> pb.Grant:
     slot_bytes = np.ascontiguousarray(slots, dtype="<u8").tobytes()
     gen_bytes = np.ascontiguousarray(generations, dtype="<u4").tobytes()
-    mac = hmac.new(secret, _message(node_id, incarnation, slot_bytes, gen_bytes, expires_ms, term, rights),
-                   hashlib.sha256).digest()
-    return pb.Grant(node_id=node_id, incarnation=incarnation, slots=slot_bytes, generations=gen_bytes,
-                    expires_unix_ms=expires_ms, term=term, rights=rights, mac=mac)
+    mac = hmac.new(
+        secret,
+        _message(node_id, incarnation, slot_bytes, gen_bytes, expires_ms, term, rights),
+        hashlib.sha256,
+    ).digest()
+    return pb.Grant(
+        node_id=node_id,
+        incarnation=incarnation,
+        slots=slot_bytes,
+        generations=gen_bytes,
+        expires_unix_ms=expires_ms,
+        term=term,
+        rights=rights,
+        mac=mac,
+    )
 
 
 @dataclass(frozen=True)
@@ -72,13 +98,27 @@ class VerifiedGrant:
         return self.generations[order[pos_clipped]]
 
 
-def verify(secret: bytes, grant: pb.Grant, node_id: str, incarnation: bytes, need: int, min_term: int = 0,
-           now_ms: int | None = None) -> VerifiedGrant:
+def verify(
+    secret: bytes,
+    grant: pb.Grant,
+    node_id: str,
+    incarnation: bytes,
+    need: int,
+    min_term: int = 0,
+    now_ms: int | None = None,
+) -> VerifiedGrant:
     """Check a grant presented to this node; raise BAD_GRANT (UNAUTHENTICATED) otherwise."""
     expected = hmac.new(
         secret,
-        _message(grant.node_id, grant.incarnation, grant.slots, grant.generations, grant.expires_unix_ms,
-                 grant.term, grant.rights),
+        _message(
+            grant.node_id,
+            grant.incarnation,
+            grant.slots,
+            grant.generations,
+            grant.expires_unix_ms,
+            grant.term,
+            grant.rights,
+        ),
         hashlib.sha256,
     ).digest()
     if not hmac.compare_digest(expected, grant.mac):
@@ -91,7 +131,9 @@ def verify(secret: bytes, grant: pb.Grant, node_id: str, incarnation: bytes, nee
     if grant.rights & need != need:
         raise KVStoreError(ErrorCode.BAD_GRANT, "grant does not carry the rights this request needs")
     if grant.term < min_term:
-        raise KVStoreError(ErrorCode.BAD_GRANT, f"grant from leader term {grant.term}, current term is {min_term}")
+        raise KVStoreError(
+            ErrorCode.BAD_GRANT, f"grant from leader term {grant.term}, current term is {min_term}"
+        )
     if len(grant.slots) % 8 or len(grant.generations) * 2 != len(grant.slots):
         raise KVStoreError(ErrorCode.BAD_GRANT, "grant slot table is malformed")
     return VerifiedGrant(

@@ -75,7 +75,9 @@ def pack_keys(keys: Sequence[bytes]) -> bytes:
 
 def unpack_keys(packed: bytes) -> list[bytes]:
     if len(packed) % KEY_BYTES:
-        raise KVStoreError(ErrorCode.BAD_KEYS, f"{len(packed)} bytes of keys is not a multiple of {KEY_BYTES}")
+        raise KVStoreError(
+            ErrorCode.BAD_KEYS, f"{len(packed)} bytes of keys is not a multiple of {KEY_BYTES}"
+        )
     return [packed[i : i + KEY_BYTES] for i in range(0, len(packed), KEY_BYTES)]
 
 

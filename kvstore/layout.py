@@ -62,16 +62,22 @@ class Layout:
     ) -> Layout:
         """Validate a namespace definition (either form) and derive the segment size."""
         if not name or len(name.encode()) > 256 or any(c in name for c in "\0\n"):
-            raise KVStoreError(ErrorCode.INVALID_ARGUMENT, "namespace name must be 1-256 bytes of printable text")
+            raise KVStoreError(
+                ErrorCode.INVALID_ARGUMENT, "namespace name must be 1-256 bytes of printable text"
+            )
         if not 0 < page_size <= 65536:
             raise KVStoreError(ErrorCode.INVALID_ARGUMENT, f"page_size {page_size} outside 1..65536")
         if not 0 < num_layers <= MAX_LAYERS:
             raise KVStoreError(ErrorCode.INVALID_ARGUMENT, f"num_layers {num_layers} outside 1..{MAX_LAYERS}")
         if kind:
             if kind not in ("mha", "mla"):
-                raise KVStoreError(ErrorCode.INVALID_ARGUMENT, f"geometry kind must be 'mha' or 'mla', not {kind!r}")
+                raise KVStoreError(
+                    ErrorCode.INVALID_ARGUMENT, f"geometry kind must be 'mha' or 'mla', not {kind!r}"
+                )
             if dtype not in DTYPE_BYTES:
-                raise KVStoreError(ErrorCode.INVALID_ARGUMENT, f"dtype {dtype!r} not one of {sorted(DTYPE_BYTES)}")
+                raise KVStoreError(
+                    ErrorCode.INVALID_ARGUMENT, f"dtype {dtype!r} not one of {sorted(DTYPE_BYTES)}"
+                )
             if kind == "mla":
                 kv_heads = kv_heads or 1
                 if kv_heads != 1:
@@ -88,7 +94,9 @@ class Layout:
         else:
             kv_heads, head_dim, dtype = 1, 0, ""
         if not 0 < segment_bytes <= MAX_SEGMENT_BYTES:
-            raise KVStoreError(ErrorCode.INVALID_ARGUMENT, f"segment_bytes {segment_bytes} outside 1..{MAX_SEGMENT_BYTES}")
+            raise KVStoreError(
+                ErrorCode.INVALID_ARGUMENT, f"segment_bytes {segment_bytes} outside 1..{MAX_SEGMENT_BYTES}"
+            )
         return cls(name, page_size, num_layers, segment_bytes, kind, kv_heads, head_dim, dtype)
 
     # -- sizes
@@ -123,7 +131,9 @@ class Layout:
         if self.replicated:
             return 0, self.kv_heads
         if self.kv_heads % tp_size:
-            raise KVStoreError(ErrorCode.BAD_RANGE, f"kv_heads {self.kv_heads} not divisible by tp_size {tp_size}")
+            raise KVStoreError(
+                ErrorCode.BAD_RANGE, f"kv_heads {self.kv_heads} not divisible by tp_size {tp_size}"
+            )
         per = self.kv_heads // tp_size
         return tp_rank * per, (tp_rank + 1) * per
 
@@ -134,7 +144,9 @@ class Layout:
         if not 0 <= begin < end <= self.kv_heads:
             raise KVStoreError(ErrorCode.BAD_RANGE, f"head range {heads} outside [0, {self.kv_heads}]")
         if self.replicated and (begin, end) != (0, self.kv_heads):
-            raise KVStoreError(ErrorCode.BAD_RANGE, f"{self.kind or 'opaque'} segments cannot be split by head")
+            raise KVStoreError(
+                ErrorCode.BAD_RANGE, f"{self.kind or 'opaque'} segments cannot be split by head"
+            )
         return begin, end
 
     def shard_bytes(self, heads: tuple[int, int]) -> int:

@@ -83,7 +83,11 @@ def send_buffers(sock: socket.socket, buffers: list[memoryview | bytes]) -> None
 
 def encode_request_head(op: int, grant: bytes, ops: np.ndarray, payload_len: int) -> bytes:
     table = np.ascontiguousarray(ops, dtype="<u8")
-    return REQUEST_HEADER.pack(REQ_MAGIC, op, 0, 0, len(grant), len(table), payload_len) + grant + table.tobytes()
+    return (
+        REQUEST_HEADER.pack(REQ_MAGIC, op, 0, 0, len(grant), len(table), payload_len)
+        + grant
+        + table.tobytes()
+    )
 
 
 def decode_request_header(raw: bytes) -> tuple[int, int, int, int]:
@@ -103,7 +107,9 @@ def encode_response_head(status: int, message: str = "", payload_len: int = 0) -
 
 def read_response_head(sock: socket.socket) -> int:
     """Read a response header and message; raise the node's error, or return the payload length."""
-    magic, status, _a, _b, msg_len, payload_len = RESPONSE_HEADER.unpack(recv_exact(sock, RESPONSE_HEADER.size))
+    magic, status, _a, _b, msg_len, payload_len = RESPONSE_HEADER.unpack(
+        recv_exact(sock, RESPONSE_HEADER.size)
+    )
     if magic != RESP_MAGIC:
         raise KVStoreError(ErrorCode.UNAVAILABLE, "data server answered with garbage")
     message = recv_exact(sock, msg_len).decode(errors="replace") if msg_len else ""
