@@ -118,6 +118,13 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "quarantine_ms", int, -1, (MASTER,), "how long a freed slot waits before reuse (-1: the write lease)"
     ),
+    Setting(
+        "evicted_quarantine_ms",
+        int,
+        0,
+        (MASTER,),
+        "quarantine of slots of evicted complete pages (no writer holds them; readers are fenced by generation)",
+    ),
     Setting("heartbeat_ms", int, 1_000, (MASTER, NODE), "node heartbeat interval"),
     Setting("node_ttl_ms", int, 5_000, (MASTER,), "a node silent this long is dead"),
     Setting("arena_bytes", parse_size, parse_size("16MiB"), (MASTER,), "allocation unit of node regions"),

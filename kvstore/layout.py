@@ -10,6 +10,7 @@ one page, page-first: layer ``l`` starts at ``l * segment_bytes``; slots are
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -98,6 +99,21 @@ class Layout:
                 ErrorCode.INVALID_ARGUMENT, f"segment_bytes {segment_bytes} outside 1..{MAX_SEGMENT_BYTES}"
             )
         return cls(name, page_size, num_layers, segment_bytes, kind, kv_heads, head_dim, dtype)
+
+    @classmethod
+    def from_spec(cls, spec: Any) -> Layout:
+        """The layout of a ``kvstore.v1.NamespaceSpec`` message (either form)."""
+        geometry = spec.geometry if spec.HasField("geometry") and spec.geometry.kind else None
+        return cls.build(
+            spec.name,
+            spec.page_size,
+            spec.num_layers,
+            spec.segment_bytes,
+            kind=geometry.kind if geometry else "",
+            kv_heads=geometry.kv_heads if geometry else 0,
+            head_dim=geometry.head_dim if geometry else 0,
+            dtype=geometry.dtype if geometry else "",
+        )
 
     # -- sizes
     @property

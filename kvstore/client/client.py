@@ -36,21 +36,6 @@ _U32 = struct.Struct("<I")
 LeaseRef = Lease | str
 
 
-def layout_from_spec(spec: pb.NamespaceSpec) -> Layout:
-    """The namespace geometry as the master stored it."""
-    geometry = spec.geometry if spec.HasField("geometry") and spec.geometry.kind else None
-    return Layout.build(
-        spec.name,
-        spec.page_size,
-        spec.num_layers,
-        spec.segment_bytes,
-        kind=geometry.kind if geometry else "",
-        kv_heads=geometry.kv_heads if geometry else 0,
-        head_dim=geometry.head_dim if geometry else 0,
-        dtype=geometry.dtype if geometry else "",
-    )
-
-
 def _common_prefix(a: bytes, b: bytes) -> int:
     """Number of leading 16-byte keys two packed key strings share."""
     n = min(len(a), len(b)) // keys.KEY_BYTES
@@ -193,7 +178,7 @@ class KVStoreClient:
         return self._layout
 
     def _remember(self, spec: pb.NamespaceSpec) -> Layout:
-        layout = layout_from_spec(spec)
+        layout = Layout.from_spec(spec)
         self._root = keys.namespace_root(self.namespace, self._salt or spec.salt)
         self._layout = layout
         return layout

@@ -132,8 +132,11 @@ class RegionAllocator:
             return True
         return self._find_run(self._units_for(slot_bytes)) >= 0
 
-    def free(self, offsets: np.ndarray) -> np.ndarray:
-        """Free slots: bump their generations (returned) and quarantine them."""
+    def free(self, offsets: np.ndarray, quarantine_s: float | None = None) -> np.ndarray:
+        """Free slots: bump their generations (returned) and quarantine them.
+
+        ``quarantine_s`` overrides the region's quarantine (0: reusable at once).
+        """
         offsets = np.asarray(offsets, dtype=np.uint64)
         if not len(offsets):
             return np.zeros(0, dtype=np.uint32)
@@ -144,8 +147,12 @@ class RegionAllocator:
         units = offsets // GEN_UNIT
         self.generations[units] += np.uint32(1)
         self.allocated_bytes -= total
-        self.quarantined_bytes += total
-        self._quarantine.append((self._clock() + self.quarantine_s, offsets, arenas, total))
+        wait = self.quarantine_s if quarantine_s is None else quarantine_s
+        if wait <= 0:
+            self._return_slots(offsets, arenas)
+        else:
+            self.quarantined_bytes += total
+            self._quarantine.append((self._clock() + wait, offsets, arenas, total))
         return self.generations[units].copy()
 
     def reclaim(self, now: float | None = None) -> int:
@@ -156,18 +163,19 @@ class RegionAllocator:
             _, offsets, arenas, total = self._quarantine.popleft()
             self.quarantined_bytes -= total
             reclaimed += len(offsets)
-            for arena_id in np.unique(arenas).tolist():
-                arena = self._arenas[arena_id]
-                back = offsets[arenas == arena_id]
-                arena.reusable.extend(
-                    ((back - np.uint64(arena.base)) // np.uint64(arena.slot_bytes)).tolist()
-                )
-                arena.in_use -= len(back)
-                if arena.in_use == 0:
-                    self._release(arena)
-                else:
-                    self._open.setdefault(arena.slot_bytes, {})[arena_id] = None
+            self._return_slots(offsets, arenas)
         return reclaimed
+
+    def _return_slots(self, offsets: np.ndarray, arenas: np.ndarray) -> None:
+        for arena_id in np.unique(arenas).tolist():
+            arena = self._arenas[arena_id]
+            back = offsets[arenas == arena_id]
+            arena.reusable.extend(((back - np.uint64(arena.base)) // np.uint64(arena.slot_bytes)).tolist())
+            arena.in_use -= len(back)
+            if arena.in_use == 0:
+                self._release(arena)
+            else:
+                self._open.setdefault(arena.slot_bytes, {})[arena_id] = None
 
     def next_quarantine_end(self) -> float | None:
         return self._quarantine[0][0] if self._quarantine else None

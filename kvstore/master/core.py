@@ -67,20 +67,6 @@ class Namespace:
         return self.spec.name
 
 
-def _spec_layout(spec: pb.NamespaceSpec) -> Layout:
-    geometry = spec.geometry if spec.HasField("geometry") else None
-    return Layout.build(
-        spec.name,
-        spec.page_size,
-        spec.num_layers,
-        spec.segment_bytes,
-        kind=geometry.kind if geometry else "",
-        kv_heads=geometry.kv_heads if geometry else 0,
-        head_dim=geometry.head_dim if geometry else 0,
-        dtype=geometry.dtype if geometry else "",
-    )
-
-
 def _mismatch(stored: pb.NamespaceSpec, wanted: pb.NamespaceSpec) -> str:
     """Why two specs are not the same namespace ('' if they are; the quota may differ)."""
     for name in ("page_size", "num_layers", "segment_bytes", "fingerprint", "salt"):
@@ -159,7 +145,7 @@ class Master:
             self.grant_secret = await self.metadata.get_or_create("grant_secret", os.urandom(32))
         for raw in (await self.metadata.list_namespaces()).values():
             spec = pb.NamespaceSpec.FromString(raw)
-            self._register_namespace(spec, _spec_layout(spec))
+            self._register_namespace(spec, Layout.from_spec(spec))
         if background:
             self.notifier.start()
             self._tasks.append(
@@ -195,7 +181,7 @@ class Master:
             raise KVStoreError(
                 ErrorCode.INVALID_ARGUMENT, f"fingerprint and salt are limited to {MAX_BLOB_FIELD} bytes"
             )
-        layout = _spec_layout(spec)
+        layout = Layout.from_spec(spec)
         stored = pb.NamespaceSpec(
             name=spec.name,
             page_size=layout.page_size,
@@ -223,7 +209,7 @@ class Master:
                 ErrorCode.NAMESPACE_MISMATCH,
                 f"namespace {spec.name!r} exists with a different {differs}; delete it first or use another name",
             )
-        self._register_namespace(existing, _spec_layout(existing))
+        self._register_namespace(existing, Layout.from_spec(existing))
         return existing, False
 
     async def namespace(self, name: str) -> Namespace:
@@ -234,7 +220,7 @@ class Master:
         if raw is None:
             raise KVStoreError(ErrorCode.NAMESPACE_NOT_FOUND, f"namespace {name!r} is not registered")
         spec = pb.NamespaceSpec.FromString(raw)
-        return self._register_namespace(spec, _spec_layout(spec))
+        return self._register_namespace(spec, Layout.from_spec(spec))
 
     async def list_namespaces(self) -> list[pb.NamespaceSpec]:
         stored = await self.metadata.list_namespaces()
@@ -369,11 +355,20 @@ class Master:
             record = self.nodes.by_index.get(node)
             if record is None:
                 continue  # the node is gone and its slots with it
-            slots = index.slot[sel]
-            generations = record.allocator.free(slots)
-            self.notifier.enqueue_free(node, slots, generations)
             if evicted:
                 record.evictions += len(sel)
+                # Evicted complete pages have no writer left and no lease (the generation bump
+                # turns a reader whose lease lapsed into a miss): they skip the quarantine
+                # unless the operator asks for one (docs/decisions.md).
+                complete = index.state[sel] == COMPLETE
+                groups = [(sel[complete], self.cfg.evicted_quarantine_ms / 1000.0), (sel[~complete], None)]
+            else:
+                groups = [(sel, None)]
+            for group, quarantine_s in groups:
+                if len(group):
+                    slots = index.slot[group]
+                    generations = record.allocator.free(slots, quarantine_s)
+                    self.notifier.enqueue_free(node, slots, generations)
         self._forget_rows(rows)
         return len(rows)
 
@@ -476,9 +471,7 @@ class Master:
 
         remaining = fill(count)
         if remaining > 0 and order:
-            preferred = self.nodes.by_index[order[0]].allocator
-            # bytes already in quarantine come back soon: evicting for them too would over-evict
-            need = remaining * slot_bytes - preferred.quarantined_bytes
+            need = remaining * slot_bytes
             if need > 0 and self.evict(need, node=order[0], exclude=exclude) > 0:
                 fill(remaining)
         if not slots:
@@ -576,6 +569,17 @@ class Master:
             status[shared_pos[free_heads]] = pb.PAGE_NEW
         writer_pos = np.flatnonzero(status == pb.PAGE_NEW)
         writer_rows = rows[writer_pos]
+        if not len(writer_rows):
+            # nothing for this writer to write: no session to expire later (session_id 0)
+            return pb.OpenPutResponse(
+                session_id=0,
+                status=status.tobytes(),
+                placements=pb.Placements(slot_bytes=layout.slot_bytes),
+                head_begin=heads[0],
+                head_end=heads[1],
+                expires_unix_ms=int(expires * 1000),
+                term=self.term,
+            )
         session = self.sessions.open(ns.ns_id, ns.name, writer_rows, heads, layout.num_layers, expires)
 
         # -- tell the nodes about the new slots before anyone writes to them

@@ -249,4 +249,6 @@ def server_options(max_message_bytes: int) -> list[tuple[str, int]]:
     return [
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.max_receive_message_length", max_message_bytes),
+        # a second master on a taken port must fail, not share it
+        ("grpc.so_reuseport", 0),
     ]

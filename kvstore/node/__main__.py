@@ -97,6 +97,7 @@ async def run_node(cfg: config.Config) -> None:
                 ("grpc.max_receive_message_length", cfg.max_message_bytes),
                 # the inventory of a large pool can exceed the usual message limit
                 ("grpc.max_send_message_length", -1),
+                ("grpc.so_reuseport", 0),
             ]
         )
         pb_grpc.add_NodeServicer_to_server(NodeService(state, pool, inventory, data_server.stats), server)

@@ -112,3 +112,20 @@ def test_generation_floor() -> None:
     alloc = RegionAllocator(1 * MiB, 1 * MiB, 0.0, Clock(), generation_floor=41)
     _, gens = alloc.allocate(64 * 1024, 2)
     assert gens.tolist() == [42, 42]
+
+
+def test_free_without_quarantine_is_reusable_at_once_with_a_new_generation() -> None:
+    alloc, clock = make(capacity=1 * MiB, arena=1 * MiB)
+    offsets, gens = alloc.allocate(64 * 1024, 16)
+    assert len(alloc.allocate(64 * 1024, 1)[0]) == 0  # full
+    freed_gens = alloc.free(offsets[:2], quarantine_s=0)
+    assert np.all(freed_gens == gens[:2] + 1)
+    assert alloc.quarantined_bytes == 0
+    again, again_gens = alloc.allocate(64 * 1024, 2)
+    assert sorted(again.tolist()) == sorted(offsets[:2].tolist())
+    assert np.all(again_gens == gens[:2] + 2)
+    # the default quarantine still applies to other frees
+    alloc.free(offsets[2:3])
+    assert len(alloc.allocate(64 * 1024, 1)[0]) == 0
+    clock.now += 5.0
+    assert len(alloc.allocate(64 * 1024, 1)[0]) == 1
