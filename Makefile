@@ -40,7 +40,7 @@ run: setup
 	$(BIN)/kvstore up --demo
 
 test: setup
-	$(BIN)/python -m pytest -q tests
+	GRPC_VERBOSITY=ERROR $(BIN)/python -m pytest -q tests
 
 lint: setup
 	$(BIN)/ruff check kvstore tests bench
