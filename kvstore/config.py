@@ -95,14 +95,33 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting("master", str, "127.0.0.1:50051", (NODE, CLIENT, CLI), "master address(es), comma separated"),
     Setting(
-        "etcd", str, "", (MASTER, NODE), "etcd endpoints HOST:PORT[,...]; empty: embedded metadata backend"
+        "etcd",
+        str,
+        "",
+        (MASTER, NODE, CLIENT, CLI),
+        "etcd endpoints HOST:PORT[,...]; empty: embedded metadata backend (clients: find the leader there)",
     ),
     Setting(
         "cluster",
         str,
         "default",
-        (MASTER, NODE),
+        (MASTER, NODE, CLIENT, CLI),
         "cluster name: its etcd keys live under /kvstore/<cluster>/",
+    ),
+    Setting(
+        "leader_ttl_ms",
+        int,
+        3_000,
+        (MASTER,),
+        "lease of the leading master in etcd (whole seconds, >= 1 s): a dead leader is replaced after about this long",
+    ),
+    Setting(
+        "warmup_ms",
+        int,
+        -1,
+        (MASTER,),
+        "a new leader allocates and evicts nothing on nodes it adopted for this long "
+        "(-1: the longer of read_lease_ms and write_lease_ms)",
     ),
     # -- node memory
     Setting("node_id", str, "", (NODE,), "stable node name (default: host name + data port)"),
@@ -126,7 +145,13 @@ SETTINGS: tuple[Setting, ...] = (
         "quarantine of slots of evicted complete pages (no writer holds them; readers are fenced by generation)",
     ),
     Setting("heartbeat_ms", int, 1_000, (MASTER, NODE), "node heartbeat interval"),
-    Setting("node_ttl_ms", int, 5_000, (MASTER,), "a node silent this long is dead"),
+    Setting(
+        "node_ttl_ms",
+        int,
+        5_000,
+        (MASTER, NODE),
+        "a node silent this long is dead (also the TTL of its etcd registration)",
+    ),
     Setting("arena_bytes", parse_size, parse_size("16MiB"), (MASTER,), "allocation unit of node regions"),
     Setting("high_watermark", _parse_fraction, 0.95, (MASTER,), "evict when a region is fuller than this"),
     Setting("low_watermark", _parse_fraction, 0.85, (MASTER,), "... down to this"),
@@ -147,6 +172,13 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     # -- client
     Setting("rpc_timeout_ms", int, 10_000, (CLIENT, CLI, NODE), "deadline of each control RPC"),
+    Setting(
+        "failover_wait_ms",
+        int,
+        10_000,
+        (CLIENT,),
+        "how long a control call keeps retrying while the leading master changes before it fails UNAVAILABLE",
+    ),
     Setting("transport", str, "auto", (CLIENT,), "auto | shm | tcp: force a data path"),
     Setting("copy_threads", int, 2, (CLIENT, NODE), "threads of the native copy engine for large batches"),
     Setting("host_id", str, "", (CLIENT, NODE), "placement host identity (default: machine id + host name)"),

@@ -17,6 +17,10 @@ from typing import Any, TypeVar
 import grpc
 
 ERROR_METADATA_KEY = "kvstore-error"
+LEADER_METADATA_KEY = "kvstore-leader"
+"""Trailing metadata of a NOT_LEADER answer: the address of the leader, when known."""
+RETRY_METADATA_KEY = "kvstore-retry-after-ms"
+"""Trailing metadata of a transient refusal: how long the server suggests waiting before a retry."""
 
 
 class ErrorCode(enum.Enum):
@@ -62,12 +66,28 @@ class ErrorCode(enum.Enum):
 
 
 class KVStoreError(Exception):
-    """A kvstore failure with a documented :class:`ErrorCode`."""
+    """A kvstore failure with a documented :class:`ErrorCode`.
 
-    def __init__(self, code: ErrorCode, message: str = "") -> None:
+    ``leader`` (NOT_LEADER: the leader's address, when known) and ``retry_after_ms``
+    (a transient refusal: when a retry may succeed) travel as trailing metadata.
+    """
+
+    def __init__(
+        self, code: ErrorCode, message: str = "", *, leader: str = "", retry_after_ms: int = 0
+    ) -> None:
         self.code = code
         self.message = message or code.meaning
+        self.leader = leader
+        self.retry_after_ms = retry_after_ms
         super().__init__(f"{code.name}: {self.message}")
+
+    def trailing_metadata(self) -> tuple[tuple[str, str], ...]:
+        items = [(ERROR_METADATA_KEY, self.code.name)]
+        if self.leader:
+            items.append((LEADER_METADATA_KEY, self.leader))
+        if self.retry_after_ms > 0:
+            items.append((RETRY_METADATA_KEY, str(int(self.retry_after_ms))))
+        return tuple(items)
 
     @property
     def status(self) -> grpc.StatusCode:
@@ -76,17 +96,22 @@ class KVStoreError(Exception):
 
 def from_rpc_error(err: grpc.RpcError) -> KVStoreError:
     """Rebuild a :class:`KVStoreError` from a failed call."""
-    code_name = ""
+    code_name = leader = retry = ""
     trailing = err.trailing_metadata() if hasattr(err, "trailing_metadata") else None
-    for key, value in trailing or ():
+    for key, raw in trailing or ():
+        value = raw if isinstance(raw, str) else raw.decode(errors="replace")
         if key == ERROR_METADATA_KEY:
-            code_name = value if isinstance(value, str) else value.decode()
+            code_name = value
+        elif key == LEADER_METADATA_KEY:
+            leader = value
+        elif key == RETRY_METADATA_KEY:
+            retry = value
     details = err.details() if hasattr(err, "details") else str(err)
     if code_name in ErrorCode.__members__:
         code = ErrorCode[code_name]
         prefix = f"{code_name}: "
         message = details[len(prefix) :] if details and details.startswith(prefix) else (details or "")
-        return KVStoreError(code, message)
+        return KVStoreError(code, message, leader=leader, retry_after_ms=int(retry) if retry.isdigit() else 0)
     status = err.code() if hasattr(err, "code") else None
     if status == grpc.StatusCode.DEADLINE_EXCEEDED:
         return KVStoreError(ErrorCode.DEADLINE, details or "")
@@ -113,7 +138,7 @@ def grpc_errors(handler: _Handler) -> _Handler:
         try:
             return await handler(self, request, context)
         except KVStoreError as exc:
-            context.set_trailing_metadata(((ERROR_METADATA_KEY, exc.code.name),))
+            context.set_trailing_metadata(exc.trailing_metadata())
             await context.abort(exc.status, str(exc))
         except grpc.aio.AbortError:
             raise

@@ -6,6 +6,8 @@ call it once per segment.
 
 from __future__ import annotations
 
+import socket
+
 import numpy as np
 
 from kvstore import _native
@@ -40,6 +42,34 @@ def hash_ranges(ops: np.ndarray, threads: int = 1) -> np.ndarray:
 def fill(ops: np.ndarray, byte: int = 0) -> None:
     """memset each (addr, len) row."""
     _native.fill(_table(ops, 2), byte)
+
+
+def _timeout_ms(sock: socket.socket) -> int:
+    timeout = sock.gettimeout()
+    return -1 if timeout is None else max(0, int(timeout * 1000))
+
+
+def send_ranges(sock: socket.socket, ranges: np.ndarray, with_hashes: bool = False) -> np.ndarray | None:
+    """Send each (addr, len) row, back to back; with ``with_hashes``, return xxh3_64 of each range.
+
+    The hashes are computed on each group of bytes just before it is sent (in cache).
+    """
+    table = _table(ranges, 2)
+    hashes = np.empty(len(table), dtype=np.uint64) if with_hashes else None
+    _native.send(sock.fileno(), table, hashes, _timeout_ms(sock))
+    return hashes
+
+
+def recv_ranges(sock: socket.socket, ranges: np.ndarray, with_hashes: bool = False) -> np.ndarray | None:
+    """Fill each (addr, len) row from the socket, in order; with ``with_hashes``, return xxh3_64 of each.
+
+    The hashes are computed on each group of bytes right after it lands (in cache).
+    ConnectionError if the peer closes first; TimeoutError after the socket's timeout.
+    """
+    table = _table(ranges, 2)
+    hashes = np.empty(len(table), dtype=np.uint64) if with_hashes else None
+    _native.recv(sock.fileno(), table, hashes, _timeout_ms(sock))
+    return hashes
 
 
 def address_of(array: np.ndarray) -> int:

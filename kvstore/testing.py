@@ -2,7 +2,10 @@
 
 :class:`Cluster` starts a master and N nodes with ``sys.executable -m ...``,
 waits for each one's readiness line on stdout (with a deadline), and stops them
-with SIGTERM (SIGKILL after a deadline).  After a stop, no pool file of its
+with SIGTERM (SIGKILL after a deadline).  ``Cluster(etcd=True, masters=3)`` also
+starts a throw-away etcd (:class:`kvstore.etcd_server.EtcdServer`) and three
+masters on it (one leads, the others stand by), with helpers to kill, stop,
+pause (SIGSTOP) and resume masters and etcd, and to find the leader.  After a stop, no pool file of its
 nodes may be left in the shared-memory directory: a node that exited on
 SIGTERM and left one has leaked it, which :meth:`Cluster.stop` reports.
 
@@ -22,6 +25,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import fcntl
+import functools
 import multiprocessing
 import os
 import re
@@ -44,13 +48,16 @@ from kvstore import config as kvconfig
 from kvstore._proto import kvstore_pb2 as pb
 from kvstore._proto import kvstore_pb2_grpc as pb_grpc
 from kvstore.errors import ErrorCode, KVStoreError, from_rpc_error
+from kvstore.etcd_server import EtcdServer
 from kvstore.tiers.dram import POOL_PREFIX
 
 MASTER_READY = re.compile(r"kvstore-master listening on (\S+)")
 NODE_READY = re.compile(r"kvstore-node (\S+) data (\S+) control (\S+)")
 
 # Settings the harness sets itself; callers choose them through Cluster's own arguments.
-_HARNESS_OWNED = frozenset({"port", "master", "dram", "shm_dir", "node_id", "grant_secret", "host", "config"})
+_HARNESS_OWNED = frozenset(
+    {"port", "master", "dram", "shm_dir", "node_id", "grant_secret", "host", "config", "etcd", "cluster"}
+)
 
 # Run before the real command, in the child: die with the parent (PR_SET_PDEATHSIG = 1),
 # then exec the service.  A preexec_fn would do the same but is unsafe in a threaded parent.
@@ -71,6 +78,12 @@ FAST_SETTINGS: dict[str, int] = {
     "heartbeat_ms": 200,
     "node_ttl_ms": 1500,
 }
+
+# With etcd: the shortest leader lease the test etcd allows (its election timeout is 50 ms).
+FAST_ETCD_SETTINGS: dict[str, int] = {**FAST_SETTINGS, "leader_ttl_ms": 1000}
+
+# How long harness calls to "the leader" keep looking for one across a failover.
+LEADER_WAIT_S = 20.0
 
 
 class ClusterError(RuntimeError):
@@ -149,6 +162,7 @@ class ManagedProcess:
         finally:
             stderr.close()
         self.killed = False  # ended by SIGKILL (ours): its files may legitimately be left behind
+        self.retired = False  # ended on purpose (kill_node, kill_master...): not a crash to report
         self._pump_thread = threading.Thread(target=self._pump, name=f"log-{name}", daemon=True)
         self._pump_thread.start()
 
@@ -232,12 +246,15 @@ class NodeHandle:
 
 
 class Cluster:
-    """A master and ``nodes`` storage nodes as subprocesses on loopback.
+    """A master (or several, on etcd) and ``nodes`` storage nodes as subprocesses on loopback.
 
     ``settings`` are any rows of :data:`kvstore.config.SETTINGS` (``read_lease_ms=2000``,
-    ``heartbeat_ms=200``...): each goes to the master, the nodes, or both, by the
-    components the table lists for it.  ``dram`` sizes each node.  Use it as a
-    context manager, or call :meth:`start` and :meth:`stop`.
+    ``heartbeat_ms=200``...): each goes to the masters, the nodes, or both, by the
+    components the table lists for it.  ``dram`` sizes each node.  ``etcd=True``
+    starts an etcd of the cluster's own (or pass a running
+    :class:`~kvstore.etcd_server.EtcdServer`), and ``masters`` masters use it; the
+    embedded backend (no etcd) allows one master.  Use it as a context manager,
+    or call :meth:`start` and :meth:`stop`.
     """
 
     def __init__(
@@ -250,6 +267,9 @@ class Cluster:
         host: str = "127.0.0.1",
         grant_secret: str | None = None,
         node_ids: Sequence[str] | None = None,
+        masters: int = 1,
+        etcd: bool | EtcdServer = False,
+        cluster_name: str | None = None,
         startup_timeout: float = 30.0,
         stop_timeout: float = 10.0,
         inherit_settings_env: bool = False,
@@ -263,6 +283,10 @@ class Cluster:
                 raise TypeError(f"Cluster: {name!r} is not a kvstore setting")
             if name in _HARNESS_OWNED:
                 raise TypeError(f"Cluster: set {name!r} through Cluster's own argument")
+        if masters < 1 or (masters > 1 and not etcd):
+            raise ValueError("several masters need etcd (etcd=True); the embedded backend has one")
+        if masters > 1 and port:
+            raise ValueError("several masters listen on ports of their own: leave port at 0")
         self._master_flags: list[str] = []
         self._node_flags: list[str] = []
         for name, value in settings.items():
@@ -289,9 +313,15 @@ class Cluster:
         if len(ids) != nodes:
             raise ValueError(f"{len(ids)} node ids for {nodes} nodes")
         self.nodes = [NodeHandle(i, _safe_name(node_id)) for i, node_id in enumerate(ids)]
-        self.master: ManagedProcess | None = None
-        self.master_address = ""
-        self._channel: grpc.Channel | None = None
+        self.etcd: EtcdServer | None = etcd if isinstance(etcd, EtcdServer) else None
+        self._owns_etcd = etcd is True
+        self.cluster_name = cluster_name or f"test-{secrets.token_hex(4)}"
+        self.master_count = masters
+        self.masters: list[ManagedProcess | None] = [None] * masters
+        self.master_addresses: list[str] = [""] * masters
+        self._master_history: list[ManagedProcess] = []
+        self._channels: dict[str, grpc.Channel] = {}
+        self._leader = ""  # address of the master last found leading
         self._clients: list[Any] = []
         self._started = False
         self._stopped = False
@@ -306,12 +336,31 @@ class Cluster:
             self.keep_logs = True
         self.stop(check=exc_type is None)
 
+    @property
+    def master(self) -> ManagedProcess | None:
+        """The first master's process (the only one without etcd)."""
+        return self.masters[0]
+
+    @property
+    def master_address(self) -> str:
+        """What clients are given: every master's address, comma separated (they find the leader)."""
+        return ",".join(a for a in self.master_addresses if a)
+
+    @property
+    def etcd_endpoint(self) -> str:
+        return self.etcd.endpoint if self.etcd is not None else ""
+
     def start(self) -> Cluster:
         if self._started:
             return self
         self._started = True
         try:
-            self._start_master()
+            if self._owns_etcd:
+                self.etcd = EtcdServer(data_dir=os.path.join(self.log_dir, "etcd")).start()
+            for i in range(self.master_count):
+                self._start_master(i)
+            if self.etcd is not None:
+                self.wait_leader(self.startup_timeout)
             for node in self.nodes:
                 self._start_node(node)
             self.wait_nodes_alive(len(self.nodes), self.startup_timeout)
@@ -321,23 +370,33 @@ class Cluster:
             raise
         return self
 
-    def _start_master(self) -> None:
+    def _start_master(self, i: int) -> None:
+        port = self.port
+        if self.master_addresses[i]:  # a restart: the same port, so clients and nodes find it again
+            port = int(self.master_addresses[i].rsplit(":", 1)[1])
         argv = [
             "-m",
             "kvstore.master",
             "--host",
             self.host,
             "--port",
-            str(self.port),
+            str(port),
             "--grant-secret",
             self.grant_secret,
             *self._master_flags,
         ]
-        self.master = ManagedProcess(
-            "master", argv, MASTER_READY, os.path.join(self.log_dir, "master.log"), self._env
+        if self.etcd is not None:
+            argv += ["--etcd", self.etcd.endpoint, "--cluster", self.cluster_name]
+        name = "master" if self.master_count == 1 else f"master{i}"
+        generation = sum(1 for p in self._master_history if p.name.startswith(name + "#") or p.name == name)
+        label = name if generation == 0 else f"{name}#{generation}"
+        process = ManagedProcess(
+            label, argv, MASTER_READY, os.path.join(self.log_dir, f"{label}.log"), self._env
         )
-        match = self.master.wait_ready(self.startup_timeout)
-        self.master_address = match.group(1)
+        self.masters[i] = process
+        self._master_history.append(process)
+        match = process.wait_ready(self.startup_timeout)
+        self.master_addresses[i] = match.group(1)
 
     def _start_node(self, node: NodeHandle) -> None:
         argv = [
@@ -357,6 +416,8 @@ class Cluster:
             self.grant_secret,
             *self._node_flags,
         ]
+        if self.etcd is not None:
+            argv += ["--etcd", self.etcd.endpoint, "--cluster", self.cluster_name]
         generation = len(node.history)
         log = os.path.join(self.log_dir, f"{node.node_id}.{generation}.log")
         process = ManagedProcess(f"{node.node_id}#{generation}", argv, NODE_READY, log, self._env)
@@ -366,7 +427,7 @@ class Cluster:
         node.data_address, node.control_address = match.group(2), match.group(3)
 
     def stop(self, check: bool = True) -> None:
-        """Stop nodes, then the master; sweep what killed nodes left; raise if a clean exit leaked a pool file."""
+        """Stop nodes, then the masters, then etcd; sweep what killed nodes left; raise if a clean exit leaked a pool file."""
         if self._stopped:
             return
         self._stopped = True
@@ -374,17 +435,24 @@ class Cluster:
             with contextlib.suppress(Exception):
                 client.close()
         self._clients.clear()
-        if self._channel is not None:
-            self._channel.close()
-            self._channel = None
+        for channel in self._channels.values():
+            channel.close()
+        self._channels.clear()
+        for process in self.masters:
+            if process is not None and process.alive():
+                process.send_signal(signal.SIGCONT)  # a paused master cannot handle SIGTERM
         for node in self.nodes:
             if node.process is not None and node.process.alive():
+                node.process.send_signal(signal.SIGCONT)
                 node.process.send_signal(signal.SIGTERM)
         for node in self.nodes:
             if node.process is not None:
                 node.process.stop(self.stop_timeout)
-        if self.master is not None:
-            self.master.stop(self.stop_timeout)
+        for process in self.masters:
+            if process is not None:
+                process.stop(self.stop_timeout)
+        if self.etcd is not None and self._owns_etcd:
+            self.etcd.cleanup()
         leaks = self._sweep_pool_files()
         if self._owns_shm_dir:
             shutil.rmtree(self.shm_dir, ignore_errors=True)
@@ -424,6 +492,7 @@ class Cluster:
         node = self.nodes[index]
         if node.process is None or not node.process.alive():
             raise ClusterError(f"node {index} is not running")
+        node.process.retired = True
         node.process.send_signal(sig)
         return node.process.wait_exit(timeout)
 
@@ -445,18 +514,136 @@ class Cluster:
         return wait_for(enough, timeout, f"{count} live node(s) registered with the master")
 
     def check_alive(self) -> None:
-        """Raise if the master or a node that should run has died."""
-        procs = [self.master] + [n.process for n in self.nodes if n.process and not n.process.killed]
+        """Raise if a master or a node that should run has died."""
+        procs = list(self.masters) + [n.process for n in self.nodes if n.process]
         for proc in procs:
-            if proc is not None and not proc.alive() and proc.proc.returncode is not None and not proc.killed:
+            if (
+                proc is not None
+                and not proc.alive()
+                and proc.proc.returncode is not None
+                and not (proc.killed or proc.retired)
+            ):
                 raise ClusterError(f"{proc.name} died with status {proc.proc.returncode}\n{proc.log_tail()}")
 
+    # ------------------------------------------------------------ master control (several masters on etcd)
+    def _master_process(self, index: int) -> ManagedProcess:
+        process = self.masters[index]
+        if process is None:
+            raise ClusterError(f"master {index} was never started")
+        return process
+
+    def kill_master(self, index: int, sig: int = signal.SIGKILL, timeout: float = 10.0) -> int:
+        """Send ``sig`` (default SIGKILL) to master ``index`` and wait for it to exit; return its status."""
+        process = self._master_process(index)
+        if not process.alive():
+            raise ClusterError(f"master {index} is not running")
+        process.retired = True
+        process.send_signal(sig)
+        if self._leader == self.master_addresses[index]:
+            self._leader = ""
+        return process.wait_exit(timeout)
+
+    def stop_master(self, index: int) -> int:
+        """SIGTERM: a clean stop (a leader resigns, so a standby takes over at once)."""
+        return self.kill_master(index, signal.SIGTERM, self.stop_timeout)
+
+    def pause_master(self, index: int) -> None:
+        """SIGSTOP: the master neither answers nor renews its lease (a partition, a long GC pause)."""
+        self._master_process(index).send_signal(signal.SIGSTOP)
+        if self._leader == self.master_addresses[index]:
+            self._leader = ""
+
+    def resume_master(self, index: int) -> None:
+        self._master_process(index).send_signal(signal.SIGCONT)
+
+    def restart_master(self, index: int) -> ManagedProcess:
+        """Start master ``index`` again on its old port (stopping it first if it runs)."""
+        process = self._master_process(index)
+        if process.alive():
+            process.send_signal(signal.SIGCONT)
+            process.stop(self.stop_timeout)
+        self._start_master(index)
+        return self._master_process(index)
+
+    def serving_leader(self, index: int, timeout: float = 2.0) -> bool:
+        """Whether master ``index`` answers as the leader right now (a call only a leader answers).
+
+        The probe is a heartbeat of an unknown node: a leader answers it from memory (known=false),
+        a standby or a leader still rebuilding refuses it, and it never touches etcd.
+        """
+        process = self.masters[index]
+        if process is None or not process.alive():
+            return False
+        stub = pb_grpc.NodeRegistryStub(self._channel(self.master_addresses[index]))
+        try:
+            stub.Heartbeat(pb.HeartbeatRequest(node_id="kvstore-testing-probe"), timeout=timeout)
+        except grpc.RpcError:
+            return False
+        return True
+
+    def leader_index(self, exclude: Sequence[int] = ()) -> int | None:
+        """The index of the master serving as leader now (None: none), skipping ``exclude`` (paused ones)."""
+        for i in range(self.master_count):
+            if i not in exclude and self.serving_leader(i):
+                return i
+        return None
+
+    def wait_leader(self, timeout: float = LEADER_WAIT_S, exclude: Sequence[int] = ()) -> int:
+        """Wait until a master (not in ``exclude``) serves as leader; return its index."""
+
+        def found() -> int | None:
+            self.check_alive()
+            index = self.leader_index(exclude)
+            return None if index is None else index + 1  # 0 is falsy
+
+        found_index = wait_for(found, timeout, "a master to lead")
+        assert found_index is not None
+        self._leader = self.master_addresses[found_index - 1]
+        return found_index - 1
+
+    # ------------------------------------------------------------ etcd control
+    def _etcd_server(self) -> EtcdServer:
+        if self.etcd is None:
+            raise ClusterError("this cluster runs without etcd")
+        return self.etcd
+
+    def kill_etcd(self) -> None:
+        """SIGKILL etcd (its data directory keeps what it had synced)."""
+        self._etcd_server().kill()
+
+    def start_etcd(self) -> None:
+        """Start etcd again on the same ports and data directory."""
+        self._etcd_server().start()
+
+    def restart_etcd(self, kill: bool = True) -> None:
+        self._etcd_server().restart(kill=kill)
+
+    def pause_etcd(self) -> None:
+        self._etcd_server().pause()
+
+    def resume_etcd(self) -> None:
+        self._etcd_server().resume()
+
     # ------------------------------------------------------------ access
+    def _channel(self, address: str) -> grpc.Channel:
+        channel = self._channels.get(address)
+        if channel is None:
+            channel = self._channels[address] = grpc.insecure_channel(address)
+        return channel
+
+    @property
+    def leader_address(self) -> str:
+        """The leading master's address (looked up when not known: several masters)."""
+        if self.master_count == 1:
+            return self.master_addresses[0]
+        if not self._leader:
+            self.wait_leader(LEADER_WAIT_S)
+        return self._leader
+
     @property
     def channel(self) -> grpc.Channel:
-        if self._channel is None:
-            self._channel = grpc.insecure_channel(self.master_address)
-        return self._channel
+        """A channel to the leading master."""
+        return self._channel(self.leader_address)
 
     @property
     def admin(self) -> pb_grpc.AdminStub:
@@ -473,14 +660,29 @@ class Cluster:
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from None
 
+    def call_leader(self, stub_class: Callable[[grpc.Channel], Any], method: str, request: Any) -> Any:
+        """Call the leading master, following it across a failover (for up to LEADER_WAIT_S)."""
+        deadline = time.monotonic() + LEADER_WAIT_S
+        while True:
+            try:
+                return self.call(getattr(stub_class(self.channel), method), request)
+            except KVStoreError as exc:
+                if self.master_count == 1 or exc.code not in (ErrorCode.NOT_LEADER, ErrorCode.UNAVAILABLE):
+                    raise
+                if time.monotonic() >= deadline:
+                    raise
+                self._leader = ""
+
     def list_nodes(self) -> pb.ListNodesResponse:
-        return self.call(self.admin.ListNodes, pb.ListNodesRequest())
+        return self.call_leader(pb_grpc.AdminStub, "ListNodes", pb.ListNodesRequest())
 
     def stats(self) -> pb.ClusterStatsResponse:
-        return self.call(self.admin.ClusterStats, pb.ClusterStatsRequest())
+        return self.call_leader(pb_grpc.AdminStub, "ClusterStats", pb.ClusterStatsRequest())
 
     def evict(self, namespace: str = "") -> pb.EvictResponse:
-        return self.call(self.admin.Evict, pb.EvictRequest(namespace=namespace, all=not namespace))
+        return self.call_leader(
+            pb_grpc.AdminStub, "Evict", pb.EvictRequest(namespace=namespace, all=not namespace)
+        )
 
     def client(self, namespace: str, **cfg: Any) -> Any:
         """A KVStoreClient for this cluster; ``cfg`` are client settings (``transport="tcp"``)."""
@@ -499,13 +701,15 @@ class Cluster:
             return []
 
     def processes(self) -> Iterator[ManagedProcess]:
-        if self.master is not None:
-            yield self.master
+        yield from self._master_history
         for node in self.nodes:
             yield from node.history
 
     def log_tail(self, lines: int = 80) -> str:
-        return "\n".join(p.log_tail(lines) for p in self.processes())
+        tails = [p.log_tail(lines) for p in self.processes()]
+        if self.etcd is not None:
+            tails.append(f"---- etcd ({self.etcd.log_path}) ----\n{self.etcd.log_tail()}")
+        return "\n".join(tails)
 
 
 def _default_shm_parent() -> str | None:
@@ -648,6 +852,87 @@ def hold_put_session(
     ready.put(written)
     while True:  # the parent SIGKILLs this process; nothing to synchronise with
         time.sleep(3600)
+
+
+def put_get_workload(
+    master: str,
+    namespace: str,
+    first_seed: int,
+    progress: Any,
+    stop: Any,
+    pages: int = 4,
+    segment_bytes: int = 4096,
+    transport: str = "auto",
+    **settings: Any,
+) -> dict[str, Any]:
+    """Put one prompt after another and read back what was put, until ``stop`` (an Event) is set.
+
+    A put that fails is retried (same prompt) on the next round, so a put caught by a
+    failover shows that callers can simply retry.  After each completed put,
+    ``progress.put((seed, unix time))``.  Every read compares the bytes it got with
+    what was written: a page with other bytes is recorded under "wrong" (it must
+    never happen); fewer pages than written is a miss.  Returns counts, the error
+    codes seen, the puts completed with their times, and the longest single call.
+    """
+    from kvstore.client import KVStoreClient
+
+    client = KVStoreClient(
+        master, namespace=namespace, config=kvconfig.load({"transport": transport, **settings}, environ={})
+    )
+    layout = client.layout
+    done: list[tuple[int, float]] = []
+    report: dict[str, Any] = {
+        "errors": {},
+        "wrong": [],
+        "reads": 0,
+        "misses": 0,
+        "retried": 0,
+        "max_call_s": 0.0,
+    }
+
+    def timed(fn: Callable[[], _T]) -> _T:
+        started = time.monotonic()
+        try:
+            return fn()
+        finally:
+            report["max_call_s"] = max(report["max_call_s"], time.monotonic() - started)
+
+    def failed(exc: KVStoreError) -> None:
+        report["errors"][exc.code.name] = report["errors"].get(exc.code.name, 0) + 1
+
+    seed, retrying = first_seed, False
+    try:
+        while not stop.is_set():
+            tokens = prompt(seed, pages * layout.page_size)
+            try:
+                for layer in range(layout.num_layers):
+                    kv = page_bytes(seed * 1000 + layer, pages, segment_bytes)
+                    timed(functools.partial(client.put_layer, tokens, layer, kv))
+            except KVStoreError as exc:
+                failed(exc)
+                retrying = True
+                continue
+            done.append((seed, time.time()))
+            progress.put((seed, done[-1][1]))
+            report["retried"] += int(retrying)
+            seed, retrying = seed + 1, False
+            for check, _ in (done[-1], done[len(done) // 2]):
+                try:
+                    check_tokens = prompt(check, pages * layout.page_size)
+                    hit = timed(functools.partial(client.get_prefix, check_tokens))
+                except KVStoreError as exc:
+                    failed(exc)
+                    continue
+                report["reads"] += 1
+                report["misses"] += int(hit.num_pages < pages)
+                for layer in range(layout.num_layers):
+                    want = page_bytes(check * 1000 + layer, pages, segment_bytes)[: hit.num_pages]
+                    if not np.array_equal(hit.layer(layer), want):
+                        report["wrong"].append(check)
+    finally:
+        _close(client)
+    report["done"] = done
+    return report
 
 
 def _close(client: Any) -> None:

@@ -11,15 +11,33 @@
  *   copy(ops, hashes=None, threads=1)   ops: u64 triples (dst, src, len)
  *   hash(ops, hashes, threads=1)        ops: u64 pairs (addr, len)
  *   fill(ops, byte)                     ops: u64 pairs (addr, len); used to pre-fault pools
+ *   send(fd, ops, hashes=None, timeout_ms=-1)   send the (addr, len) ranges back to back
+ *   recv(fd, ops, hashes=None, timeout_ms=-1)   receive into the (addr, len) ranges
+ *
+ * send/recv move a whole table of ranges through a socket with gathered
+ * system calls (up to IO_MAX_IOV ranges, IO_GROUP_BYTES per call) and the GIL
+ * released; with hashes, each range's xxh3_64 is computed on the bytes each
+ * system call just sent or received, while the kernel's copy left them in cache.  The
+ * fd may be blocking or not (a Python socket with a timeout): EAGAIN waits in
+ * poll() for at most timeout_ms (-1: forever), as socket.settimeout would.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <errno.h>
+#include <poll.h>
 #include <pthread.h>
 #include <stdint.h>
 #include <string.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
 
 #define XXH_INLINE_ALL
 #include <xxhash.h>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <emmintrin.h>
+#define HAVE_STREAMING_STORES 1
+#endif
 
 /* Chunk hashed right after it is copied: small enough to still be in L2. */
 #define CHUNK_BYTES (256u * 1024u)
@@ -35,8 +53,50 @@ typedef struct {
     int do_copy;
 } work_t;
 
+/* Plain copies of at least this many bytes use streaming (non-temporal) stores. */
+#define STREAM_MIN_BYTES (64u * 1024u)
+
+#ifdef HAVE_STREAMING_STORES
+/*
+ * memcpy with streaming stores: the destination lines are written without
+ * being read first (no read-for-ownership) and without evicting the cache.  A
+ * bulk copy into a buffer nobody reads right away (a get into an engine's KV
+ * buffer) then moves 2 bytes of memory traffic per byte instead of 3: on the
+ * development VM 27 GB/s on one thread where glibc's memcpy of the same
+ * segments does 21-23.  The caller issues the store fence (one per batch).
+ */
+static void stream_copy(uint8_t *dst, const uint8_t *src, uint64_t len) {
+    uint64_t head = (16 - ((uintptr_t)dst & 15)) & 15;
+    if (head > len) head = len;
+    memcpy(dst, src, head);
+    dst += head;
+    src += head;
+    len -= head;
+    uint64_t blocks = len / 64;
+    for (uint64_t i = 0; i < blocks; i++) {
+        __m128i a = _mm_loadu_si128((const __m128i *)src);
+        __m128i b = _mm_loadu_si128((const __m128i *)(src + 16));
+        __m128i c = _mm_loadu_si128((const __m128i *)(src + 32));
+        __m128i d = _mm_loadu_si128((const __m128i *)(src + 48));
+        _mm_stream_si128((__m128i *)dst, a);
+        _mm_stream_si128((__m128i *)(dst + 16), b);
+        _mm_stream_si128((__m128i *)(dst + 32), c);
+        _mm_stream_si128((__m128i *)(dst + 48), d);
+        src += 64;
+        dst += 64;
+    }
+    memcpy(dst, src, len - blocks * 64);
+}
+#endif
+
 static uint64_t copy_and_hash(uint8_t *dst, const uint8_t *src, uint64_t len, int want_hash) {
     if (!want_hash) {
+#ifdef HAVE_STREAMING_STORES
+        if (len >= STREAM_MIN_BYTES) {
+            stream_copy(dst, src, len);
+            return 0;
+        }
+#endif
         memcpy(dst, src, len);
         return 0;
     }
@@ -65,6 +125,9 @@ static void *run_work(void *arg) {
             w->hashes[i] = XXH3_64bits((const void *)(uintptr_t)op[0], (size_t)op[1]);
         }
     }
+#ifdef HAVE_STREAMING_STORES
+    if (w->do_copy) _mm_sfence(); /* streaming stores are visible to everyone once this thread is done */
+#endif
     return NULL;
 }
 
@@ -187,6 +250,172 @@ static PyObject *py_fill(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+
+/* ---------------------------------------------------------------- socket I/O */
+
+#define IO_GROUP_BYTES (4u << 20)
+#define IO_MAX_IOV 64
+
+typedef struct {
+    const uint64_t *ops; /* (addr, len) pairs */
+    size_t n;
+    size_t idx;   /* current range */
+    uint64_t off; /* bytes of it already done */
+} cursor_t;
+
+/* Hash `bytes` more bytes at the cursor; each range's digest is written once its last byte is hashed. */
+static void hash_advance(cursor_t *c, XXH3_state_t *st, uint64_t *hashes, uint64_t bytes) {
+    for (;;) {
+        while (c->idx < c->n && c->off == c->ops[2 * c->idx + 1]) {
+            hashes[c->idx] = XXH3_64bits_digest(st);
+            XXH3_64bits_reset(st);
+            c->idx++;
+            c->off = 0;
+        }
+        if (bytes == 0 || c->idx >= c->n) return;
+        uint64_t left = c->ops[2 * c->idx + 1] - c->off;
+        uint64_t take = bytes < left ? bytes : left;
+        XXH3_64bits_update(st, (const uint8_t *)(uintptr_t)c->ops[2 * c->idx] + c->off, (size_t)take);
+        c->off += take;
+        bytes -= take;
+    }
+}
+
+static void io_advance(cursor_t *c, uint64_t bytes) {
+    while (c->idx < c->n) {
+        uint64_t left = c->ops[2 * c->idx + 1] - c->off;
+        if (bytes < left) {
+            c->off += bytes;
+            return;
+        }
+        bytes -= left;
+        c->idx++;
+        c->off = 0;
+    }
+}
+
+/* iovecs for the next group at the cursor; returns the group's byte count (0: nothing left). */
+static uint64_t io_group(const cursor_t *c, struct iovec *iov, int *count) {
+    uint64_t group = 0;
+    size_t i = c->idx;
+    uint64_t off = c->off;
+    int k = 0;
+    while (i < c->n && k < IO_MAX_IOV && group < IO_GROUP_BYTES) {
+        uint64_t left = c->ops[2 * i + 1] - off;
+        if (left) {
+            uint64_t take = left < IO_GROUP_BYTES - group ? left : IO_GROUP_BYTES - group;
+            iov[k].iov_base = (void *)(uintptr_t)(c->ops[2 * i] + off);
+            iov[k].iov_len = (size_t)take;
+            k++;
+            group += take;
+            if (take < left) break;
+        }
+        i++;
+        off = 0;
+    }
+    *count = k;
+    return group;
+}
+
+static int wait_fd(int fd, short events, int timeout_ms) {
+    struct pollfd p = {fd, events, 0};
+    for (;;) {
+        int r = poll(&p, 1, timeout_ms);
+        if (r > 0) return 0;
+        if (r == 0) {
+            errno = ETIMEDOUT;
+            return -1;
+        }
+        if (errno != EINTR) return -1;
+    }
+}
+
+/* 0 on success; -1 with errno set; -2 when the peer closed the connection (recv). */
+static int transfer(int fd, const uint64_t *ops, size_t n, uint64_t *hashes, int timeout_ms, int sending,
+                    uint64_t *moved) {
+    cursor_t io = {ops, n, 0, 0}, hc = {ops, n, 0, 0};
+    XXH3_state_t st;
+    uint64_t done = 0, hashed = 0;
+    if (hashes) XXH3_64bits_reset(&st);
+    for (;;) {
+        struct iovec iov[IO_MAX_IOV];
+        int count;
+        uint64_t group = io_group(&io, iov, &count);
+        if (group == 0) break;
+        struct msghdr msg;
+        memset(&msg, 0, sizeof msg);
+        msg.msg_iov = iov;
+        msg.msg_iovlen = (size_t)count;
+        ssize_t r = sending ? sendmsg(fd, &msg, MSG_NOSIGNAL) : recvmsg(fd, &msg, 0);
+        if (r < 0) {
+            if (errno == EINTR) continue;
+            if (errno == EAGAIN || errno == EWOULDBLOCK) {
+                if (wait_fd(fd, sending ? POLLOUT : POLLIN, timeout_ms) != 0) {
+                    *moved = done;
+                    return -1;
+                }
+                continue;
+            }
+            *moved = done;
+            return -1;
+        }
+        if (r == 0 && !sending) {
+            *moved = done;
+            return -2;
+        }
+        io_advance(&io, (uint64_t)r);
+        done += (uint64_t)r;
+        if (hashes) { /* hash what just went out or landed: the kernel's copy left it in cache */
+            hash_advance(&hc, &st, hashes, done - hashed);
+            hashed = done;
+        }
+    }
+    if (hashes) hash_advance(&hc, &st, hashes, 0); /* digests of trailing empty ranges */
+    *moved = done;
+    return 0;
+}
+
+static PyObject *py_transfer(PyObject *args, PyObject *kwargs, int sending) {
+    static char *kwlist[] = {"fd", "ops", "hashes", "timeout_ms", NULL};
+    int fd, timeout_ms = -1;
+    PyObject *ops_obj, *hashes_obj = Py_None;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "iO|Oi", kwlist, &fd, &ops_obj, &hashes_obj, &timeout_ms))
+        return NULL;
+    Py_buffer ops, hashes;
+    size_t nops;
+    if (get_ops(ops_obj, &ops, 2, &nops) != 0) return NULL;
+    uint64_t *hash_ptr = NULL;
+    if (hashes_obj != Py_None) {
+        if (get_hashes(hashes_obj, &hashes, nops) != 0) {
+            PyBuffer_Release(&ops);
+            return NULL;
+        }
+        hash_ptr = (uint64_t *)hashes.buf;
+    }
+    int rc, err = 0;
+    uint64_t moved = 0;
+    Py_BEGIN_ALLOW_THREADS
+    rc = transfer(fd, (const uint64_t *)ops.buf, nops, hash_ptr, timeout_ms, sending, &moved);
+    err = errno;
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&ops);
+    if (hash_ptr) PyBuffer_Release(&hashes);
+    if (rc == -2) {
+        PyErr_Format(PyExc_ConnectionError, "peer closed the connection after %llu payload bytes",
+                     (unsigned long long)moved);
+        return NULL;
+    }
+    if (rc != 0) {
+        errno = err;
+        return PyErr_SetFromErrno(PyExc_OSError); /* maps errno to its subclass (TimeoutError, ...) */
+    }
+    return PyLong_FromUnsignedLongLong(moved);
+}
+
+static PyObject *py_send(PyObject *self, PyObject *args, PyObject *kwargs) { return py_transfer(args, kwargs, 1); }
+
+static PyObject *py_recv(PyObject *self, PyObject *args, PyObject *kwargs) { return py_transfer(args, kwargs, 0); }
+
 static PyMethodDef methods[] = {
     {"copy", (PyCFunction)(void (*)(void))py_copy, METH_VARARGS | METH_KEYWORDS,
      "copy(ops, hashes=None, threads=1): ops is packed u64 (dst, src, len) triples; "
@@ -194,6 +423,12 @@ static PyMethodDef methods[] = {
     {"hash", (PyCFunction)(void (*)(void))py_hash, METH_VARARGS | METH_KEYWORDS,
      "hash(ops, hashes, threads=1): ops is packed u64 (addr, len) pairs; writes xxh3_64 of each range."},
     {"fill", py_fill, METH_VARARGS, "fill(ops, byte): memset each (addr, len) range."},
+    {"send", (PyCFunction)(void (*)(void))py_send, METH_VARARGS | METH_KEYWORDS,
+     "send(fd, ops, hashes=None, timeout_ms=-1): send each (addr, len) range in order; hashes, if given, "
+     "receives xxh3_64 of each range.  Returns the bytes sent."},
+    {"recv", (PyCFunction)(void (*)(void))py_recv, METH_VARARGS | METH_KEYWORDS,
+     "recv(fd, ops, hashes=None, timeout_ms=-1): fill each (addr, len) range in order from the socket; hashes, "
+     "if given, receives xxh3_64 of each range.  Returns the bytes received."},
     {NULL, NULL, 0, NULL},
 };
 

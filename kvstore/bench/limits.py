@@ -1,8 +1,12 @@
 """Physical limits measured in the same run as the benchmark, and the machine it ran on.
 
 * memcpy: one thread copying a pre-faulted buffer of >= 256 MiB into another
-  (numpy and the native copy engine; the faster counts).  A one-sided shm put or
-  get is one such copy (plus the xxh3 done inside it), so this bounds it.
+  with libc's memcpy (numpy's copyto).  A one-sided shm put or get is one such
+  copy (plus the xxh3 done inside it), so this is the yardstick of the issue's
+  targets.  The native copy engine's single-thread rate is measured beside it
+  (``stream_copy_gbps``): for large ranges it uses streaming stores, which on
+  some machines beat memcpy by a quarter, so it is the stricter bound and the
+  results quote both.
 * loopback: a sender process streaming into a receiver process over a TCP
   loopback socket, the receiver using ``recv_into`` a pre-allocated buffer with
   large chunks.  The TCP data path moves its bytes across exactly such a socket.
@@ -26,7 +30,7 @@ CHUNK = 8 << 20
 
 
 def memcpy_gbps(nbytes: int = 256 << 20, repeat: int = 3) -> dict[str, Any]:
-    """Median single-thread copy rate (GB/s, 1e9 bytes) of numpy and of native.copy."""
+    """Median single-thread copy rates (GB/s, 1e9 bytes): libc memcpy (numpy) and native.copy."""
     src = np.empty(nbytes, dtype=np.uint8)
     dst = np.empty(nbytes, dtype=np.uint8)
     src.fill(0x5A)  # fault every page in before timing
@@ -43,9 +47,10 @@ def memcpy_gbps(nbytes: int = 256 << 20, repeat: int = 3) -> dict[str, Any]:
     numpy_rate = nbytes / statistics.median(numpy_times) / 1e9
     native_rate = nbytes / statistics.median(native_times) / 1e9
     return {
-        "memcpy_gbps": max(numpy_rate, native_rate),
+        "memcpy_gbps": numpy_rate,
         "memcpy_numpy_gbps": numpy_rate,
         "memcpy_native_gbps": native_rate,
+        "stream_copy_gbps": native_rate,
         "memcpy_numpy_runs_gbps": [nbytes / t / 1e9 for t in numpy_times],
         "memcpy_native_runs_gbps": [nbytes / t / 1e9 for t in native_times],
     }

@@ -127,3 +127,209 @@ def close_clients() -> None:
         if callable(close):
             close()
     _clients.clear()
+
+
+# ---------------------------------------------------------------- control plane
+
+
+@dataclass(frozen=True)
+class ControlWorkload:
+    master: str
+    namespace: str
+    pages: int  # pages per request (2048: a 32k-token prompt of 16-token pages)
+    layers: int
+    segment_bytes: int
+    requests: int  # measured requests (one more, unmeasured, comes first)
+
+
+def _ms(values: list[float]) -> dict[str, float]:
+    arr = np.asarray(values, dtype=np.float64) * 1e3
+    if not len(arr):
+        return {"n": 0}
+    return {
+        "n": len(arr),
+        "p50_ms": float(np.percentile(arr, 50)),
+        "p99_ms": float(np.percentile(arr, 99)),
+        "mean_ms": float(arr.mean()),
+        "max_ms": float(arr.max()),
+    }
+
+
+def _instrument(client: Any, rpc_times: dict[str, list[float]], copy_times: list[float]) -> None:
+    """Time every RPC (on the client's loop, from send to answer) and every data-plane write, in this process only."""
+    master = client._master
+    plain_acall = master.acall
+
+    async def timed_acall(method: str, request: Any) -> Any:
+        started = time.perf_counter()
+        try:
+            return await plain_acall(method, request)
+        finally:
+            rpc_times.setdefault(method, []).append(time.perf_counter() - started)
+
+    master.acall = timed_acall
+    selector = client._transports
+    plain_for_node = selector.for_node
+
+    def for_node(node: Any) -> Any:
+        transport = plain_for_node(node)
+        if not getattr(transport, "_bench_timed", False):
+            plain_write = transport.write
+
+            def write(batch: Any, plan: Any) -> Any:
+                started = time.perf_counter()
+                try:
+                    return plain_write(batch, plan)
+                finally:
+                    copy_times.append(time.perf_counter() - started)
+
+            transport.write = write
+            transport._bench_timed = True
+        return transport
+
+    selector.for_node = for_node
+
+
+def control_run(work: ControlWorkload) -> dict[str, Any]:
+    """put_layer of ``pages`` pages, layer by layer, then match/acquire/get of the same prompt.
+
+    Returns latency summaries: the RPCs as seen on the wire, each put_layer
+    (first layer: OpenPut + copy + CommitLayer sent; middle layers: copy +
+    CommitLayer sent; last layer: also waits for the session's commits), the
+    copy inside it, and the lookups (key hashing + RPC + master lookup).
+    """
+    from kvstore.client import KVStoreClient
+
+    cfg = kvconfig.load({"transport": "shm"}, environ={})
+    client = KVStoreClient(work.master, namespace=work.namespace, config=cfg)
+    try:
+        client.create_namespace(page_size=16, num_layers=work.layers, segment_bytes=work.segment_bytes)
+        rpc: dict[str, list[float]] = {}
+        copies: list[float] = []
+        _instrument(client, rpc, copies)
+        data = np.full((work.pages, work.segment_bytes), 7, dtype=np.uint8)
+        out = np.empty((work.layers, work.pages, work.segment_bytes), dtype=np.uint8)
+        first: list[float] = []
+        middle: list[float] = []
+        last: list[float] = []
+        beyond_first: list[float] = []
+        beyond_middle: list[float] = []
+        beyond_last: list[float] = []
+        per_layer: list[float] = []
+        match: list[float] = []
+        acquire: list[float] = []
+        get: list[float] = []
+        for request in range(work.requests + 1):
+            tokens = np.arange(work.pages * 16, dtype=np.int64) % 50_000
+            tokens[0] = 200_000 + request
+            measured = request > 0
+            if measured:
+                rpc.clear()
+            session_total = 0.0
+            session_copy = 0.0
+            for layer in range(work.layers):
+                copies.clear()
+                started = time.perf_counter()
+                written = client.put_layer(tokens, layer, data)
+                took = time.perf_counter() - started
+                copy = sum(copies)
+                session_total += took
+                session_copy += copy
+                if written != work.pages:
+                    raise RuntimeError(f"control run: put_layer wrote {written} of {work.pages} pages")
+                bucket, beyond = (
+                    (first, beyond_first)
+                    if layer == 0
+                    else (last, beyond_last)
+                    if layer == work.layers - 1
+                    else (middle, beyond_middle)
+                )
+                if measured:
+                    bucket.append(took)
+                    beyond.append(took - copy)
+            if measured:
+                per_layer.append((session_total - session_copy) / work.layers)
+            started = time.perf_counter()
+            matched = client.match_prefix(tokens)
+            if measured:
+                match.append(time.perf_counter() - started)
+            started = time.perf_counter()
+            lease = client.acquire_prefix(tokens)
+            if measured:
+                acquire.append(time.perf_counter() - started)
+            client.release(lease)
+            started = time.perf_counter()
+            hit = client.get_prefix(tokens, out=out)
+            if measured:
+                get.append(time.perf_counter() - started)
+            if matched != work.pages * 16 or hit.num_pages != work.pages:
+                raise RuntimeError(f"control run: matched {matched} tokens, read {hit.num_pages} pages")
+        return {
+            "pages": work.pages,
+            "layers": work.layers,
+            "segment_bytes": work.segment_bytes,
+            "requests": work.requests,
+            "rpc": {name: _ms(times) for name, times in rpc.items()},
+            "put_layer_first": _ms(first),
+            "put_layer_middle": _ms(middle),
+            "put_layer_last": _ms(last),
+            "beyond_copy_first": _ms(beyond_first),
+            "beyond_copy_middle": _ms(beyond_middle),
+            "beyond_copy_last": _ms(beyond_last),
+            "beyond_copy_per_layer": _ms(per_layer),
+            "match_prefix": _ms(match),
+            "acquire_prefix": _ms(acquire),
+            "get_prefix": _ms(get),
+            "get_bytes": work.layers * work.pages * work.segment_bytes,
+        }
+    finally:
+        client.close()
+
+
+# ---------------------------------------------------------------- small-op latency
+
+
+@dataclass(frozen=True)
+class LatencyWorkload:
+    master: str
+    namespace: str
+    transport: str
+    segment_bytes: int
+    samples: int
+
+
+def latency_run(work: LatencyWorkload) -> dict[str, Any]:
+    """get_prefix of one page of one layer (one segment), ``samples`` times: p50/p99 of the whole call."""
+    from kvstore.client import KVStoreClient
+
+    cfg = kvconfig.load({"transport": work.transport}, environ={})
+    client = KVStoreClient(work.master, namespace=work.namespace, config=cfg)
+    try:
+        client.create_namespace(page_size=16, num_layers=1, segment_bytes=work.segment_bytes)
+        tokens = np.arange(16, dtype=np.int64) + 300_000
+        data = np.full((1, work.segment_bytes), 9, dtype=np.uint8)
+        puts = []
+        for i in range(min(work.samples, 200)):
+            fresh = tokens + 1_000 * (i + 1)
+            started = time.perf_counter()
+            client.put_layer(fresh, 0, data)
+            puts.append(time.perf_counter() - started)
+        client.put_layer(tokens, 0, data)
+        out = np.empty((1, 1, work.segment_bytes), dtype=np.uint8)
+        for _ in range(20):  # warm: mapping, connections
+            client.get_prefix(tokens, out=out)
+        gets = []
+        for _ in range(work.samples):
+            started = time.perf_counter()
+            hit = client.get_prefix(tokens, out=out)
+            gets.append(time.perf_counter() - started)
+            if hit.num_pages != 1:
+                raise RuntimeError("latency run: the page went missing")
+        return {
+            "transport": work.transport,
+            "segment_bytes": work.segment_bytes,
+            "get": _ms(gets),
+            "put": _ms(puts),
+        }
+    finally:
+        client.close()

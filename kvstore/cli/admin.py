@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -21,11 +23,33 @@ _Response = TypeVar("_Response")
 _TRY_NEXT = {ErrorCode.UNAVAILABLE, ErrorCode.NOT_LEADER, ErrorCode.DEADLINE}
 
 
+def _etcd_view(cfg: kvconfig.Config) -> tuple[str | None, list[str], dict[str, bytes]]:
+    """(leader, masters, node registrations) as etcd records them."""
+    from kvstore.metadata import create_backend
+
+    async def read() -> tuple[str | None, list[str], dict[str, bytes]]:
+        metadata = create_backend(cfg.etcd, cluster=cfg.cluster, timeout_s=cfg.rpc_timeout_ms / 1000.0)
+        try:
+            return await metadata.leader(), await metadata.list_masters(), await metadata.list_nodes()
+        finally:
+            await metadata.close()
+
+    return asyncio.run(read())
+
+
 class Master:
-    """The master(s) named by ``--master`` / KVSTORE_MASTER; calls go to the first that answers as leader."""
+    """The masters named by ``--master`` (or found in ``--etcd``); calls go to the one that answers as leader."""
 
     def __init__(self, cfg: kvconfig.Config) -> None:
         self.addresses = [a.strip() for a in str(cfg.master).split(",") if a.strip()]
+        self.etcd_leader: str | None = None
+        self.etcd_masters: list[str] = []
+        self.etcd_nodes: dict[str, bytes] | None = None
+        if str(cfg.etcd).strip():
+            self.etcd_leader, self.etcd_masters, self.etcd_nodes = _etcd_view(cfg)
+            # the leader etcd names first, then every other master it lists
+            found = ([self.etcd_leader] if self.etcd_leader else []) + self.etcd_masters
+            self.addresses = list(dict.fromkeys(found)) or self.addresses
         if not self.addresses:
             raise KVStoreError(
                 ErrorCode.INVALID_ARGUMENT, "no master address (use --master or KVSTORE_MASTER)"
@@ -42,7 +66,13 @@ class Master:
 
     def call(self, stub_class: Callable[[grpc.Channel], Any], method: str, request: Any) -> Any:
         last: KVStoreError | None = None
-        for address in self.addresses:
+        queue = list(self.addresses)
+        tried: set[str] = set()
+        while queue:
+            address = queue.pop(0)
+            if address in tried:
+                continue
+            tried.add(address)
             rpc = getattr(stub_class(self._channel(address)), method)
             try:
                 return rpc(request, timeout=self.timeout)
@@ -50,6 +80,8 @@ class Master:
                 last = from_rpc_error(exc)
                 if last.code not in _TRY_NEXT:
                     raise last from None
+                if last.leader:
+                    queue.insert(0, last.leader)  # a standby named the leader: ask it next
         assert last is not None
         if last.code == ErrorCode.UNAVAILABLE:
             raise KVStoreError(
@@ -64,6 +96,25 @@ class Master:
     def kvstore(self, method: str, request: Any) -> Any:
         return self.call(pb_grpc.KVStoreStub, method, request)
 
+    def roles(self) -> list[tuple[str, str, int]]:
+        """(address, "leader" | "standby" | "unreachable", term) of every known master, leader first.
+
+        Each master is asked itself (Admin ListNodes works on standbys); etcd's list of
+        campaigning masters adds those not named by --master.
+        """
+        found: list[tuple[str, str, int]] = []
+        for address in dict.fromkeys(self.addresses + self.etcd_masters):
+            try:
+                reply = pb_grpc.AdminStub(self._channel(address)).ListNodes(
+                    pb.ListNodesRequest(), timeout=self.timeout
+                )
+            except grpc.RpcError:
+                found.append((address, "unreachable", 0))
+                continue
+            role = "leader" if reply.leader_address == address else "standby"
+            found.append((address, role, int(reply.term)))
+        return sorted(found, key=lambda item: (item[1] != "leader", item[0]))
+
     def close(self) -> None:
         for channel in self._channels.values():
             channel.close()
@@ -76,19 +127,37 @@ def cmd_nodes(args: argparse.Namespace, cfg: kvconfig.Config) -> int:
     master = Master(cfg)
     try:
         reply: pb.ListNodesResponse = master.admin("ListNodes", pb.ListNodesRequest())
+        if reply.leader_address and reply.leader_address not in master.addresses:
+            master.addresses.append(reply.leader_address)
+        if reply.leader_address:
+            # Any master answers ListNodes; only the leader knows heartbeat ages and usage: ask it.
+            with contextlib.suppress(grpc.RpcError):
+                reply = pb_grpc.AdminStub(master._channel(reply.leader_address)).ListNodes(
+                    pb.ListNodesRequest(), timeout=master.timeout
+                )
+        masters = master.roles()
+        registered = master.etcd_nodes
     finally:
         master.close()
     if args.json:
-        print_json(proto_to_dict(reply))
+        data = proto_to_dict(reply)
+        data["masters"] = [{"address": a, "role": r, "term": t} for a, r, t in masters]
+        if registered is not None:
+            for node in data["nodes"]:
+                node["registered"] = node["node_id"] in registered
+        print_json(data)
         return 0
     rows = []
     for node in reply.nodes:
         capacity = sum(t.capacity_bytes for t in node.tiers)
         allocated = sum(t.allocated_bytes for t in node.tiers)
+        state = "alive" if node.alive else "DEAD"
+        if registered is not None:
+            state += ", registered" if node.node_id in registered else ", unregistered"
         rows.append(
             [
                 node.node_id,
-                "alive" if node.alive else "DEAD",
+                state,
                 f"{node.last_heartbeat_age_s:.1f}s",
                 node.data_address,
                 node.control_address,
@@ -99,10 +168,13 @@ def cmd_nodes(args: argparse.Namespace, cfg: kvconfig.Config) -> int:
             ]
         )
     print(f"leader {reply.leader_address or '?'}  term {reply.term}  nodes {len(reply.nodes)}")
+    if masters:
+        print(render_table(["master", "role", "term"], [[a, r, t or "-"] for a, r, t in masters], right=(2,)))
+        print()
     if rows:
         print(
             render_table(
-                ["node", "state", "heartbeat", "data", "control", "tiers", "capacity", "used", "host"],
+                ["node", "state", "lease age", "data", "control", "tiers", "capacity", "used", "host"],
                 rows,
                 right=(2, 6, 7),
             )

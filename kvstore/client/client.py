@@ -9,8 +9,12 @@ inside the native copy.  Every argument is checked here before any RPC.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextlib
+import functools
 import logging
 import struct
+import threading
 from collections.abc import Sequence
 from types import TracebackType
 from typing import Any
@@ -34,6 +38,15 @@ log = logging.getLogger("kvstore.client")
 
 _U32 = struct.Struct("<I")
 LeaseRef = Lease | str
+
+
+def _log_release_failure(lease_id: str, future: concurrent.futures.Future[Any]) -> None:
+    if future.cancelled():
+        return
+    exc = future.exception()
+    if exc is not None:
+        # It expires on its own; the read itself succeeded.
+        log.info("release of lease %s failed: %s", lease_id, exc)
 
 
 def _common_prefix(a: bytes, b: bytes) -> int:
@@ -83,8 +96,17 @@ class KVStoreClient:
         self._root = b""
         self._closed = False
         self._loop = LoopThread()
+        # calls sent without waiting (pipelined commits, get's own release): close() lets them land
+        self._background: set[concurrent.futures.Future[Any]] = set()
+        self._background_lock = threading.Lock()
         self._master = MasterConnection(
-            address or cfg.master, self._loop, self._timeout_s, cfg.max_message_bytes
+            address or cfg.master,
+            self._loop,
+            self._timeout_s,
+            cfg.max_message_bytes,
+            etcd=cfg.etcd,
+            cluster=cfg.cluster,
+            failover_wait_s=cfg.failover_wait_ms / 1000.0,
         )
 
     # ------------------------------------------------------------ lifetime
@@ -102,6 +124,10 @@ class KVStoreClient:
             return
         self._closed = True
         unfinished = [s for s in self._sessions.drain() if s.has_work]
+        with self._background_lock:
+            in_flight = list(self._background)
+        if in_flight:
+            concurrent.futures.wait(in_flight, timeout=self._timeout_s)
         try:
             if unfinished and self._loop.running:
                 self._loop.run(self._abort_all(unfinished), timeout_s=self._timeout_s + 5.0)
@@ -275,31 +301,106 @@ class KVStoreClient:
             key, lambda: self._open_put(keyed, num_pages, page_contexts, tp_rank, tp_size, heads, reader_host)
         )
 
-        done = False
-        if session.has_work:
-            plan = CopyPlan(layout, layer_list, heads, source, num_pages)
-            try:
-                checksums = self._write(session, plan)
-                response = self._master.call(
-                    "CommitLayer",
-                    pb.CommitLayerRequest(
-                        session_id=session.session_id,
-                        layers=np.asarray(layer_list, dtype="<u2").tobytes(),
-                        checksums=checksums.astype("<u8").tobytes(),
-                    ),
-                )
-            except KVStoreError as exc:
+        if not session.has_work:
+            with session.lock:
+                session.layers_seen.update(layer_list)
+                finished = len(session.layers_seen) >= layout.num_layers
+            if finished:
                 self._sessions.drop(key, session)
-                if exc.code is not ErrorCode.SESSION_NOT_FOUND:
-                    self._abort_quietly(session)
-                raise
-            done = response.session_done
+            return 0
+        plan = CopyPlan(layout, layer_list, heads, source, num_pages)
+        try:
+            checksums = self._write(session, plan)
+        except KVStoreError as exc:
+            self._fail_session(key, session, exc)
+            raise
+        # The commit goes out now that the bytes are in place, through the session's pump (one
+        # CommitLayer in flight, later layers merged into the next).  Only the call that completes
+        # the session's layers waits for the pump (so the pages are complete when it returns);
+        # the others return at once: on this machine a CommitLayer round trip costs about as
+        # much as copying 10 MiB, and its CPU on the master overlaps the next layer's copy.
         with session.lock:
-            session.layers_seen.update(layer_list)
-            finished = done or len(session.layers_seen) >= layout.num_layers
+            error = session.commit_error
+            if error is None:
+                session.unsent.append((layer_list, checksums))
+                session.layers_seen.update(layer_list)
+                if not session.pumping:
+                    session.pumping = True
+                    session.pump = self._submit_coroutine(self._commit_pump(session))
+            finished = len(session.layers_seen) >= layout.num_layers
+            pump = session.pump
+        try:
+            if error is not None:
+                raise error
+            if finished and pump is not None:
+                self._commit_result(pump)
+                with session.lock:
+                    error = session.commit_error
+                if error is not None:
+                    raise error
+        except KVStoreError as exc:
+            self._fail_session(key, session, exc)
+            raise
         if finished:
             self._sessions.drop(key, session)
         return len(session.new_pages)
+
+    async def _commit_pump(self, session: PutSession) -> None:
+        """Send the session's queued commits, merged, one CommitLayer at a time, until none are left."""
+        while True:
+            with session.lock:
+                queued, session.unsent = session.unsent, []
+                if not queued or session.failed or session.commit_error is not None:
+                    session.pumping = False  # under the lock: a put_layer from now on starts a new pump
+                    return
+            layers = [layer for layer_list, _ in queued for layer in layer_list]
+            request = pb.CommitLayerRequest(
+                session_id=session.session_id,
+                layers=np.asarray(layers, dtype="<u2").tobytes(),
+                checksums=np.concatenate([sums for _, sums in queued]).astype("<u8").tobytes(),
+            )
+            try:
+                await self._master.acall("CommitLayer", request)
+            except KVStoreError as exc:
+                with session.lock:
+                    session.commit_error = exc
+                    session.pumping = False
+                return
+            except BaseException:
+                with session.lock:
+                    session.pumping = False
+                raise
+
+    def _submit_coroutine(self, coro: Any) -> concurrent.futures.Future[Any]:
+        future = self._loop.submit(coro)
+        with self._background_lock:
+            self._background.add(future)
+        future.add_done_callback(self._forget_background)
+        return future
+
+    def _commit_result(self, future: concurrent.futures.Future[Any]) -> None:
+        try:
+            future.result(self._timeout_s + 5.0)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            raise KVStoreError(ErrorCode.DEADLINE, "CommitLayer did not finish in time") from None
+
+    def _fail_session(self, key: SessionKey, session: PutSession, exc: KVStoreError) -> None:
+        """A put of the session failed: forget it and (unless the master lost it already) abort it."""
+        self._sessions.drop(key, session)
+        with session.lock:
+            session.failed = True
+            session.unsent = []
+        if exc.code is not ErrorCode.SESSION_NOT_FOUND:
+            self._abort_quietly(session)
+
+    def _submit(self, method: str, request: Any) -> concurrent.futures.Future[Any]:
+        """Send a control call without waiting for it; the future is tracked until it is done."""
+        return self._submit_coroutine(self._master.acall(method, request))
+
+    def _forget_background(self, future: concurrent.futures.Future[Any]) -> None:
+        with self._background_lock:
+            self._background.discard(future)
 
     def _open_put(
         self,
@@ -376,6 +477,12 @@ class KVStoreClient:
         )
         if session is None or not session.has_work:
             return 0
+        with session.lock:
+            session.unsent = []
+            pump = session.pump
+        if pump is not None:  # let a commit in flight land first: the abort then frees what it covered
+            with contextlib.suppress(KVStoreError, concurrent.futures.CancelledError):
+                self._commit_result(pump)
         response = self._master.call("AbortPut", pb.AbortPutRequest(session_id=session.session_id))
         return int(response.pages_freed)
 
@@ -517,11 +624,17 @@ class KVStoreClient:
         return response
 
     def _release_quietly(self, lease_id: str) -> None:
+        """End get_prefix's own lease without waiting for the answer.
+
+        The read is done and checked; the round trip would only add latency to
+        every get.  A lost release costs nothing but pinning until the lease expires.
+        """
         try:
-            self._master.call("ReleaseLease", pb.ReleaseLeaseRequest(lease_id=lease_id))
+            future = self._submit("ReleaseLease", pb.ReleaseLeaseRequest(lease_id=lease_id))
         except KVStoreError as exc:
-            # It expires on its own; the read itself succeeded.
             log.info("release of lease %s failed: %s", lease_id, exc)
+            return
+        future.add_done_callback(functools.partial(_log_release_failure, lease_id))
 
     def _read(self, placements: pb.Placements, count: int, plan: CopyPlan) -> int:
         """Read pages [0, count) into the plan's buffer; returns how many leading pages are good."""

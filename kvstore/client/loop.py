@@ -66,6 +66,16 @@ class LoopThread:
                 ErrorCode.DEADLINE, f"client call did not finish within {timeout_s:.1f} s"
             ) from None
 
+    def submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
+        """Start ``coro`` on the loop without waiting for it (pipelined calls); the caller collects the future."""
+        if threading.current_thread() is self._thread:
+            coro.close()
+            raise RuntimeError("a kvstore call was submitted from the client's own event-loop thread")
+        if not self.running:
+            coro.close()
+            raise KVStoreError(ErrorCode.UNAVAILABLE, "the client is closed")
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
     def stop(self, timeout_s: float = 5.0) -> None:
         if not self._thread.is_alive():
             return

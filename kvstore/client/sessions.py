@@ -8,11 +8,13 @@ Two threads asking for the same key open it once (the second waits).
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -33,6 +35,14 @@ class PutSession:
     expires_unix_ms: int
     layers_seen: set[int] = field(default_factory=set)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    # Commits are pipelined: a put_layer hands its (layers, checksums) to the session's pump, a
+    # task on the client's loop that keeps one CommitLayer in flight and merges whatever queued
+    # up meanwhile into the next; only the put_layer that completes the layers waits for it.
+    unsent: list[tuple[list[int], np.ndarray]] = field(default_factory=list, repr=False)
+    pump: concurrent.futures.Future[Any] | None = field(default=None, repr=False)
+    pumping: bool = False  # a pump is running and will look at ``unsent`` again before it ends
+    commit_error: BaseException | None = None  # the first commit that failed
+    failed: bool = False  # the put failed: nothing more is committed
 
     @property
     def has_work(self) -> bool:

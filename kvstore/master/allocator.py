@@ -56,6 +56,18 @@ class _Arena:
         self.in_use += len(indices)
         return self.base + indices * self.slot_bytes
 
+    def take_index(self, index: int) -> bool:
+        """Take slot ``index`` specifically (adoption); False if it is not free."""
+        if index >= self.fresh:
+            self.reusable.extend(range(self.fresh, index))
+            self.fresh = index + 1
+        elif index in self.reusable:
+            self.reusable.remove(index)
+        else:
+            return False
+        self.in_use += 1
+        return True
+
 
 class RegionAllocator:
     """Allocator of one region (one tier of one node incarnation)."""
@@ -126,6 +138,51 @@ class RegionAllocator:
         self.generations[units] += np.uint32(1)
         self.allocated_bytes += len(offsets) * slot_bytes
         return offsets, self.generations[units].copy()
+
+    def adopt(self, offsets: np.ndarray, slot_bytes: int, generations: np.ndarray) -> np.ndarray:
+        """Mark slots another allocator handed out as allocated here (a new leader rebuilding its state).
+
+        Each slot must fit the arena layout this allocator would use for ``slot_bytes``
+        (same arena size, as every master of a cluster has), and must not overlap a slot
+        already taken.  Returns a bool mask of the slots adopted; their generations
+        become ``generations``.  The others are left alone (the caller frees them on the node).
+        """
+        offsets = np.asarray(offsets, dtype=np.uint64)
+        adopted = np.zeros(len(offsets), dtype=bool)
+        if slot_bytes <= 0 or slot_bytes % GEN_UNIT:
+            return adopted
+        units_per_slot = self._units_for(slot_bytes)
+        # In offset order, so that each arena's slots are taken upwards (take_index stays O(1)).
+        for i in np.argsort(offsets, kind="stable").tolist():
+            offset = int(offsets[i])
+            first = offset // self.unit
+            if (
+                offset % GEN_UNIT
+                or first + units_per_slot > self.num_units
+                or offset + slot_bytes > self.capacity
+            ):
+                continue
+            owner = int(self._owner[first])
+            if owner < 0:
+                if units_per_slot > 1 and (
+                    offset % self.unit or np.any(self._owner[first : first + units_per_slot] >= 0)
+                ):
+                    continue
+                arena = self._carve_at(first, slot_bytes)
+            else:
+                arena = self._arenas[owner]
+                if arena.slot_bytes != slot_bytes:
+                    continue
+            index, rest = divmod(offset - arena.base, slot_bytes)
+            if rest or not 0 <= index < arena.slots or not arena.take_index(index):
+                continue
+            if arena.available == 0:
+                self._open.get(slot_bytes, {}).pop(arena.first_unit, None)
+            adopted[i] = True
+        taken = offsets[adopted]
+        self.generations[taken // GEN_UNIT] = np.asarray(generations, dtype=np.uint32)[adopted]
+        self.allocated_bytes += len(taken) * slot_bytes
+        return adopted
 
     def can_allocate(self, slot_bytes: int) -> bool:
         if self._open.get(slot_bytes):
@@ -199,10 +256,11 @@ class RegionAllocator:
         return int(hits[0]) if len(hits) else -1
 
     def _carve(self, slot_bytes: int) -> _Arena | None:
+        first = self._find_run(self._units_for(slot_bytes))
+        return None if first < 0 else self._carve_at(first, slot_bytes)
+
+    def _carve_at(self, first: int, slot_bytes: int) -> _Arena:
         units = self._units_for(slot_bytes)
-        first = self._find_run(units)
-        if first < 0:
-            return None
         slots = self.unit // slot_bytes if units == 1 else 1
         arena = _Arena(
             first_unit=first, units=units, base=first * self.unit, slot_bytes=slot_bytes, slots=slots

@@ -34,8 +34,9 @@ from kvstore.master.leases import LeaseTable, ReadLease
 from kvstore.master.nodes import NO_NODE, NodeRecord, NodeRegistry
 from kvstore.master.notifier import Notifier, Sender
 from kvstore.master.placement import HostThenMostFree, NodeCandidate, PlacementStrategy
+from kvstore.master.rebuild import InventoryTable, complete_pages, first_of_each_key, parse_inventory
 from kvstore.master.sessions import PutSession, SessionTable
-from kvstore.metadata.base import Leadership, MetadataBackend
+from kvstore.metadata.base import NODE_DELETE, NODE_PUT, Leadership, MetadataBackend
 
 log = logging.getLogger("kvstore.master")
 
@@ -45,6 +46,7 @@ MAX_NAMESPACES = 1 << 16
 SWEEP_INTERVAL_S = 0.1
 NODE_RPC_TIMEOUT_S = 5.0
 INVENTORY_TIMEOUT_S = 2.0
+FINAL_FLUSH_TIMEOUT_S = 2.0  # a stopping leader's last slot updates to its nodes
 EVICT_BATCH = 1024  # victims per eviction pass
 EVICT_PASSES_ON_DEMAND = 4
 EVICT_PASSES_PER_TICK = 2
@@ -123,6 +125,10 @@ class Master:
         self.secret_configured = False
         self.hits = 0
         self.lookups = 0
+        self.led_since = 0.0  # when this master's leadership began (clock())
+        # (namespace id, parent key) -> [(row, epoch)] of adopted pages whose parent is not known yet
+        self._awaiting_parent: dict[tuple[int, bytes], list[tuple[int, int]]] = {}
+        self._side_tasks: set[asyncio.Task[None]] = set()  # registrations learnt from the node watch
         self._tasks: list[asyncio.Task[None]] = []
 
     # ------------------------------------------------------------------ life cycle
@@ -130,9 +136,37 @@ class Master:
     def term(self) -> int:
         return self.leadership.term
 
+    @property
+    def warmup_s(self) -> float:
+        """How long a new leader keeps its hands off what it adopted (leases of its predecessor may live)."""
+        ms = (
+            self.cfg.warmup_ms
+            if self.cfg.warmup_ms >= 0
+            else max(self.cfg.read_lease_ms, self.cfg.write_lease_ms)
+        )
+        return ms / 1000.0
+
+    def leading(self) -> bool:
+        """Still the leader (local check, no I/O: False once the lease can no longer be proven)."""
+        return self.leadership.term > 0 and self.metadata.leading(self.leadership)
+
+    def check_leading(self) -> None:
+        """Raise NOT_LEADER unless this master still leads; called before anything is granted or changed."""
+        if not self.leading():
+            raise KVStoreError(
+                ErrorCode.NOT_LEADER,
+                f"this master's leadership (term {self.term}) has ended; ask the new leader",
+            )
+
     async def start(self, address: str, background: bool = True) -> None:
         """Lead (campaign), load the grant secret and namespaces, start the background work."""
-        self.leadership = await self.metadata.campaign(address)
+        await self.lead(await self.metadata.campaign(address), background)
+
+    async def lead(self, leadership: Leadership, background: bool = True) -> None:
+        """Take up ``leadership`` (won by a campaign): load the grant secret and namespaces, start background work."""
+        self.leadership = leadership
+        self.led_since = self.clock()
+        address = leadership.leader_address
         if self.cfg.grant_secret:
             try:
                 self.grant_secret = bytes.fromhex(self.cfg.grant_secret)
@@ -160,7 +194,17 @@ class Master:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks.clear()
+        for side in list(self._side_tasks):
+            side.cancel()
+        if self._side_tasks:
+            await asyncio.gather(*self._side_tasks, return_exceptions=True)
         await self.notifier.stop()
+        if self.leading():
+            # A clean stop hands its successor complete inventories: send what is still queued.
+            try:
+                await asyncio.wait_for(self.notifier.flush_all(), FINAL_FLUSH_TIMEOUT_S)
+            except Exception as exc:  # noqa: BLE001 - best effort on the way out
+                log.warning("slot updates not delivered at shutdown: %s", exc)
         await self.nodes.close()
 
     # ------------------------------------------------------------------ namespaces
@@ -197,7 +241,10 @@ class Master:
                     kind=layout.kind, kv_heads=layout.kv_heads, head_dim=layout.head_dim, dtype=layout.dtype
                 )
             )
-        existing_raw = await self.metadata.put_namespace_if_absent(spec.name, stored.SerializeToString())
+        self.check_leading()
+        existing_raw = await self.metadata.put_namespace_if_absent(
+            spec.name, stored.SerializeToString(), leadership=self.leadership
+        )
         if existing_raw is None:
             self._register_namespace(stored, layout)
             log.info("namespace %s created: %d-byte slots", spec.name, layout.slot_bytes)
@@ -229,7 +276,8 @@ class Master:
     async def delete_namespace(self, name: str) -> int:
         """Drop a namespace: its pages become unmatchable now; leased ones are freed when their leases end."""
         ns = await self.namespace(name)
-        await self.metadata.delete_namespace(name)
+        self.check_leading()
+        await self.metadata.delete_namespace(name, leadership=self.leadership)
         if self.namespaces.get(name) is not ns:
             return 0  # deleted concurrently
         del self.namespaces[name]
@@ -263,6 +311,7 @@ class Master:
         capacity = request.regions[0].capacity_bytes if request.regions else 0
         if capacity < 4096:
             raise KVStoreError(ErrorCode.INVALID_ARGUMENT, "a node needs a region of at least 4 KiB")
+        self.check_leading()
         response = pb.RegisterNodeResponse(
             term=self.term,
             heartbeat_ms=self.cfg.heartbeat_ms,
@@ -285,40 +334,236 @@ class Master:
         record = self.nodes.add(request, allocator)
         record.ready = False  # not placed on until its old inventory is accounted for
         try:
-            await self._adopt_inventory(record)
+            comeback = departed is not None and departed.incarnation == request.incarnation
+            adopted = await self._adopt_inventory(record, comeback)
+        except BaseException:
+            # Without its inventory we cannot tell its slots apart: forget it; it registers again.
+            if self.nodes.by_index.get(record.index) is record:
+                self.nodes.remove(record)
+                self.notifier.drop(record.index)
+                if departed is not None:
+                    self.nodes.departed[request.node_id] = departed
+                else:
+                    self.nodes.departed.pop(request.node_id, None)
+            raise
         finally:
             record.ready = True
             record.last_heartbeat = self.clock()
         log.info(
-            "node %s registered (index %d, host %s, %d bytes)",
+            "node %s registered (index %d, host %s, %d bytes, %d pages adopted)",
             record.node_id,
             record.index,
             record.host_id,
             capacity,
+            adopted,
         )
         return response
 
-    async def _adopt_inventory(self, record: NodeRecord) -> None:
-        """Free whatever the node still holds from before (this master has no index entry for it).
+    async def _adopt_inventory(self, record: NodeRecord, comeback: bool = False) -> int:
+        """Take over what the node still holds: complete pages join the index, everything else is freed.
 
-        A new leader would rebuild its index from inventories (failover); until
-        then, the safe course is to free those slots with generations above any
-        the node has used, so no old grant can match a new assignment.
+        A new leader (or a restarted master, or this one after the node lapsed)
+        learns the node's slots from its inventory.  Complete pages (every head of
+        every layer committed, as the node was told by a leader) are adopted with
+        their generations; partial pages, pages of unknown namespaces and duplicates
+        are freed with generations above any the region has used, and quarantined.
+        Slots the node does not report are free.  ``comeback``: the same incarnation
+        returns after this master dropped it.  A leader that follows another one
+        first tells the node its term, so the old leader's grants and updates are
+        refused from then on.  Returns the number of pages adopted.
         """
+        if self.term > 1 and not await self.notifier.announce_term(record.index):
+            raise KVStoreError(ErrorCode.UNAVAILABLE, f"node {record.node_id} did not take the new term")
         try:
             inventory = await asyncio.wait_for(self.nodes.inventory(record), INVENTORY_TIMEOUT_S)
-        except Exception as exc:  # noqa: BLE001 - a node without inventory support, or slow: go on
-            log.info("no inventory from node %s (%s); assuming an empty pool", record.node_id, exc)
+        except Exception as exc:
+            raise KVStoreError(
+                ErrorCode.UNAVAILABLE, f"could not read the inventory of node {record.node_id}: {exc}"
+            ) from exc
+        table = parse_inventory(inventory)
+        allocator = record.allocator
+        if len(table) or table.highest_generation:
+            # Writers may still hold slots here under leases this master does not know: those of a
+            # previous leader, or its own from before the node lapsed (its allocator, quarantines
+            # included, went with it).  No allocation, no eviction here until they have run out.
+            if self.term > 1:
+                record.warm_until = self.led_since + self.warmup_s
+            if comeback:
+                record.warm_until = max(record.warm_until, self.clock() + self.warmup_s)
+        if not len(table):
+            if table.highest_generation:
+                allocator.generations[:] = np.maximum(allocator.generations, table.highest_generation + 1)
+            return 0
+        layouts: dict[int, Namespace] = {}
+        for ns_index, name in enumerate(table.namespaces):
+            try:
+                ns = await self.namespace(name)
+            except KVStoreError:
+                continue  # deleted meanwhile: its pages go
+            layouts[ns_index] = ns
+        self.check_leading()
+        floor = max(table.highest_generation + 1, int(allocator.generations.max()))
+        allocator.generations[:] = np.maximum(allocator.generations, floor)
+        keep = np.zeros(len(table), dtype=bool)
+        adopted = 0
+        if table.well_formed:
+            for ns_index, ns in layouts.items():
+                if ns.deleted or self.namespaces.get(ns.name) is not ns:
+                    continue
+                layout = ns.layout
+                positions = np.flatnonzero(
+                    (table.ns_index == ns_index) & (table.slot_bytes == np.uint64(layout.slot_bytes))
+                )
+                positions = positions[complete_pages(table, positions, layout.num_layers, layout.kv_heads)]
+                positions = positions[first_of_each_key(table.keys[positions])]
+                present = self.index.lookup(ns.ns_id, table.keys[positions].tobytes()) >= 0
+                positions = positions[~present]  # another copy is indexed already: first one wins
+                taken = allocator.adopt(
+                    table.slots[positions], layout.slot_bytes, table.generations[positions]
+                )
+                positions = positions[taken]
+                self._insert_adopted(ns, record.index, table, positions)
+                keep[positions] = True
+                adopted += len(positions)
+        self._free_unadopted(record, table, ~keep, floor)
+        return adopted
+
+    def _insert_adopted(self, ns: Namespace, node: int, table: InventoryTable, positions: np.ndarray) -> None:
+        """Index adopted complete pages, linking them to their parents (and waiting children to them)."""
+        count = len(positions)
+        if not count:
             return
-        slots = np.frombuffer(inventory.slots.assign_slots, dtype="<u8")
-        gens = np.frombuffer(inventory.slots.assign_generations, dtype="<u4")
-        if not len(slots):
+        index, now = self.index, self.clock()
+        packed = table.keys[positions].tobytes()
+        rows = index.alloc(count)
+        index.insert(
+            ns.ns_id,
+            rows,
+            packed,
+            np.full(count, node, dtype=np.uint16),
+            table.slots[positions],
+            table.generations[positions],
+            now,
+        )
+        index.complete(rows, now)
+        index.layers_complete[rows] = ns.layout.num_layers
+        ns.allocated_bytes += count * ns.layout.slot_bytes
+
+        parent_keys = table.parents[positions]
+        root = np.frombuffer(ns.root, dtype=np.uint8)
+        at_root = ~parent_keys.any(axis=1) | (parent_keys == root).all(axis=1)
+        found = index.lookup(ns.ns_id, np.ascontiguousarray(parent_keys).tobytes())
+        safe = np.where(found >= 0, found, 0)
+        found = np.where((found >= 0) & (index.state[safe] != FREE), found, ORPHAN)
+        parents = np.where(at_root, ROOT, found)
+        index.parent[rows] = parents
+        linked = parents[parents >= 0]
+        if len(linked):
+            np.add.at(index.child_count, linked, 1)
+        epochs = index.epoch[rows]
+        for i in np.flatnonzero(parents == ORPHAN).tolist():
+            self._awaiting_parent.setdefault((ns.ns_id, parent_keys[i].tobytes()), []).append(
+                (int(rows[i]), int(epochs[i]))
+            )
+        # children adopted earlier (from other nodes) that were waiting for one of these pages
+        for i, row in enumerate(rows.tolist()):
+            waiting = self._awaiting_parent.pop((ns.ns_id, packed[i * KEY : (i + 1) * KEY]), None)
+            for child, epoch in waiting or ():
+                if (
+                    index.epoch[child] == epoch
+                    and index.state[child] != FREE
+                    and index.parent[child] == ORPHAN
+                ):
+                    index.parent[child] = row
+                    index.child_count[row] += 1
+        self._prune_awaiting()
+
+    def _prune_awaiting(self) -> None:
+        """Forget waiting children that were freed meanwhile (their rows were recycled)."""
+        index = self.index
+        for key in list(self._awaiting_parent):
+            alive = [
+                (row, epoch)
+                for row, epoch in self._awaiting_parent[key]
+                if index.epoch[row] == epoch and index.state[row] != FREE and index.parent[row] == ORPHAN
+            ]
+            if alive:
+                self._awaiting_parent[key] = alive
+            else:
+                del self._awaiting_parent[key]
+
+    def _free_unadopted(
+        self, record: NodeRecord, table: InventoryTable, drop: np.ndarray, floor: int
+    ) -> None:
+        """Free what was not adopted at generation ``floor``; quarantine the slots the allocator can hold."""
+        positions = np.flatnonzero(drop)
+        if not len(positions):
             return
         allocator = record.allocator
-        floor = max(int(gens.max()) + 1, int(allocator.generations.max()))
-        allocator.generations[:] = np.maximum(allocator.generations, floor)
+        slots = table.slots[positions]
+        quarantined = np.zeros(len(positions), dtype=bool)
+        if table.well_formed:
+            sizes = table.slot_bytes[positions]
+            for size in np.unique(sizes).tolist():
+                sel = np.flatnonzero(sizes == size)
+                # adopted one generation below the floor, so that the free lands exactly on it
+                taken = allocator.adopt(slots[sel], int(size), np.full(len(sel), floor - 1, dtype=np.uint32))
+                if taken.any():
+                    allocator.free(slots[sel[taken]])
+                quarantined[sel[taken]] = True
         self.notifier.enqueue_free(record.index, slots, np.full(len(slots), floor, dtype=np.uint32))
-        log.warning("node %s held %d slots from before; freeing them", record.node_id, len(slots))
+        log.warning(
+            "node %s held %d slots that are not complete pages this leader can adopt; freeing them (%d quarantined)",
+            record.node_id,
+            len(slots),
+            int(np.count_nonzero(quarantined)),
+        )
+
+    # -- the node registrations in the metadata backend (etcd): learn nodes, notice them go
+    async def adopt_registered_nodes(self) -> int:
+        """Register every node the metadata backend lists (a new leader's rebuild); returns how many joined."""
+        infos = await self.metadata.list_nodes()
+        requests = [req for req in (self._decode_registration(n, i) for n, i in infos.items()) if req]
+        results = await asyncio.gather(*(self.register_node(r) for r in requests), return_exceptions=True)
+        for request, result in zip(requests, results, strict=True):
+            if isinstance(result, BaseException):
+                log.warning("node %s not adopted yet (%s); it will register itself", request.node_id, result)
+        return sum(not isinstance(r, BaseException) for r in results)
+
+    async def follow_registrations(self) -> None:
+        """Apply node registration changes until cancelled: a lapsed registration takes its node's pages."""
+        async for event in self.metadata.watch_nodes(include_existing=True):
+            if event.kind == NODE_DELETE:
+                record = self.nodes.get(event.node_id)
+                if record is not None:
+                    log.warning("node %s: its registration lapsed; removing it", event.node_id)
+                    self._drop_node(record)
+            elif event.kind == NODE_PUT:
+                request = self._decode_registration(event.node_id, event.info)
+                record = self.nodes.get(event.node_id)
+                if request is None or (
+                    record is not None and record.incarnation == request.incarnation and record.alive
+                ):
+                    continue
+                task = asyncio.get_running_loop().create_task(self._register_quietly(request))
+                self._side_tasks.add(task)
+                task.add_done_callback(self._side_tasks.discard)
+
+    async def _register_quietly(self, request: pb.RegisterNodeRequest) -> None:
+        try:
+            await self.register_node(request)
+        except KVStoreError as exc:
+            log.info("node %s not adopted from its registration (%s)", request.node_id, exc.message)
+
+    @staticmethod
+    def _decode_registration(node_id: str, info: bytes) -> pb.RegisterNodeRequest | None:
+        """A node's registration record is its RegisterNodeRequest; anything else is ignored."""
+        try:
+            request = pb.RegisterNodeRequest.FromString(info)
+        except Exception:  # noqa: BLE001 - a foreign or corrupt record
+            log.warning("node registration %s does not parse; ignoring it", node_id)
+            return None
+        return request if request.node_id == node_id else None
 
     def heartbeat(self, node_id: str, incarnation: bytes) -> bool:
         return self.nodes.heartbeat(node_id, incarnation)
@@ -405,8 +650,14 @@ class Master:
         exclude: np.ndarray | None = None,
         passes: int = EVICT_PASSES_ON_DEMAND,
     ) -> int:
-        """Evict towards ``need_bytes`` in bounded passes (a freed leaf can make its parent a leaf)."""
+        """Evict towards ``need_bytes`` in bounded passes (a freed leaf can make its parent a leaf).
+
+        Pages on warming nodes are never chosen (leases of the previous leader may cover them).
+        """
         freed_bytes = 0
+        warming = self._warming_rows()
+        if len(warming):
+            exclude = warming if exclude is None else np.concatenate((exclude, warming))
         for _ in range(passes):
             if freed_bytes >= need_bytes:
                 break
@@ -427,9 +678,14 @@ class Master:
 
     def _watermark_eviction(self) -> None:
         """Background: a region fuller than the high watermark evicts towards the low one, a batch per tick."""
+        now = self.clock()
         for record in list(self.nodes.by_index.values()):
             allocator = record.allocator
-            if not record.alive or allocator.used_fraction <= self.cfg.high_watermark:
+            if (
+                not record.alive
+                or record.warm_until > now
+                or allocator.used_fraction <= self.cfg.high_watermark
+            ):
                 continue
             # quarantined bytes come back by themselves: only what is allocated needs evicting
             need = allocator.allocated_bytes - int(self.cfg.low_watermark * allocator.capacity)
@@ -442,11 +698,36 @@ class Master:
         return min(ms, self.cfg.max_lease_ms) / 1000.0
 
     def _candidates(self) -> list[NodeCandidate]:
+        now = self.clock()
         return [
             NodeCandidate(r.index, r.node_id, r.host_id, r.allocator.free_bytes, r.allocator.capacity)
             for r in self.nodes.by_index.values()
-            if r.alive and r.ready and not self.notifier.failing(r.index)
+            if r.alive and r.ready and r.warm_until <= now and not self.notifier.failing(r.index)
         ]
+
+    def _warming(self) -> list[NodeRecord]:
+        """Nodes adopted from a previous leader whose first lease period has not run out yet."""
+        now = self.clock()
+        return [r for r in self.nodes.by_index.values() if r.alive and r.warm_until > now]
+
+    def _warming_rows(self) -> np.ndarray:
+        """Rows on warming nodes (never evicted: old leases may still cover them)."""
+        warming = self._warming()
+        if not warming:
+            return np.zeros(0, dtype=np.int64)
+        high = self.index.high
+        nodes = np.array([r.index for r in warming], dtype=np.uint16)
+        return np.flatnonzero(np.isin(self.index.node[:high], nodes) & (self.index.state[:high] != FREE))
+
+    def _warming_up_error(self) -> KVStoreError:
+        warming = self._warming()
+        wait_ms = max(1, int((max(r.warm_until for r in warming) - self.clock()) * 1000))
+        return KVStoreError(
+            ErrorCode.UNAVAILABLE,
+            f"leader warming up: node(s) {', '.join(sorted(r.node_id for r in warming))} may still be written "
+            f"under the previous leader's leases; nothing is allocated there for {wait_ms} ms more, retry then",
+            retry_after_ms=wait_ms,
+        )
 
     def _allocate(
         self, slot_bytes: int, count: int, writer_host: str, reader_host: str, exclude: np.ndarray
@@ -501,6 +782,7 @@ class Master:
         lease_ms: int = 0,
     ) -> pb.OpenPutResponse:
         ns = await self.namespace(namespace)
+        self.check_leading()
         layout = ns.layout
         heads = layout.head_range(tp_rank, tp_size)
         count = len(packed_keys) // KEY
@@ -532,6 +814,8 @@ class Master:
             layout.slot_bytes, allowed, client_host, reader_host, exclude
         )
         got = len(slot_of_new)
+        if got == 0 and allowed > 0 and self._warming():
+            raise self._warming_up_error()
         cutoff = int(absent_pos[got]) if got < len(absent_pos) else count
         new_pos = absent_pos[:got]
         new_rows = index.alloc(got)
@@ -601,6 +885,8 @@ class Master:
             )
         results = await asyncio.gather(*(self.notifier.flush(node) for node in touched))
         # a node may also have been dropped while we waited (its queue, and our pages, went with it)
+        if not self.leading():
+            raise KVStoreError(ErrorCode.NOT_LEADER, f"this master's leadership (term {self.term}) ended")
         if not all(results) or any(node not in self.nodes.by_index for node in touched):
             freed = self.sessions.abort(session.session_id)
             if freed is not None:
@@ -630,6 +916,7 @@ class Master:
 
     def commit_layer(self, session_id: int, layers: np.ndarray, checksums: np.ndarray) -> tuple[int, bool]:
         """Record committed layers of the session's head range; returns (pages completed, session done)."""
+        self.check_leading()
         session, ns = self._session(session_id)
         layers = np.asarray(layers, dtype=np.int64)
         if not len(layers):
@@ -694,6 +981,7 @@ class Master:
         self, namespace: str, packed_keys: bytes, lease_ms: int = 0, client_host: str = ""
     ) -> pb.AcquirePrefixResponse:
         ns = await self.namespace(namespace)
+        self.check_leading()
         rows, matched = self._match(ns, packed_keys)
         self._count_lookups(rows, matched)
         if matched == 0:
@@ -729,6 +1017,7 @@ class Master:
         )
 
     def describe_lease(self, lease_id: str) -> pb.AcquirePrefixResponse:
+        self.check_leading()
         lease = self.leases.get(lease_id, self.clock())
         if lease is None:
             raise KVStoreError(ErrorCode.LEASE_NOT_FOUND, "read lease unknown, released or expired")
@@ -862,7 +1151,7 @@ class Master:
         )
 
     async def admin_evict(self, namespace: str, everything: bool) -> tuple[int, int]:
-        """Evict every page (of a namespace, or all) not held by a read lease or a live writer."""
+        """Evict every page (of a namespace, or all) not held by a read lease, a live writer or a warm-up."""
         if not namespace and not everything:
             raise KVStoreError(
                 ErrorCode.INVALID_ARGUMENT, "name a namespace, or pass all=true to evict everything"
@@ -883,13 +1172,17 @@ class Master:
                 sel = (index.state[rows] == PENDING) & (index.ns[rows] == ns_id)
                 if table is not None:
                     writing[sel] = table.writers[index.pend[rows[sel]]] > 0
-        skipped = held | writing
+        # pages on warming nodes may be read under the previous leader's leases: they count as leased
+        skipped = held | writing | np.isin(rows, self._warming_rows())
+        self.check_leading()
         evicted = await self._free_in_chunks(rows[~skipped], evicted=True)
         return evicted, int(np.count_nonzero(skipped))
 
     # ------------------------------------------------------------------ background
     def sweep(self) -> None:
         """One pass of the periodic work; each part touches only what is due or a bounded batch."""
+        if not self.leading():
+            return  # a deposed leader frees and evicts nothing; it is being stopped
         now = self.clock()
         for unpinned in self.leases.expire(now):
             self._free_doomed(unpinned)

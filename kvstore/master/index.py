@@ -2,8 +2,11 @@
 
 One row per page, stored column-wise in numpy arrays grown by doubling, so
 millions of pages cost a few dozen bytes each and no Python object.  Keys map
-to rows through one dict per namespace (dropping a namespace drops its dict in
-one step).  Freed rows are recycled through a free list; every row carries an
+to rows through one :class:`KeyTable` per namespace, an open-addressing hash
+table of row numbers (4 bytes a slot) that compares against the keys column
+itself (dropping a namespace drops its table in one step).  A dict of 16-byte
+``bytes`` keys cost about 140 bytes a page; the whole index now costs about
+100.  Freed rows are recycled through a free list; every row carries an
 ``epoch`` bumped when it is freed, so sessions and leases that remember
 ``(row, epoch)`` pairs notice a recycled row without a back-reference.
 
@@ -13,6 +16,8 @@ page completes.
 """
 
 from __future__ import annotations
+
+import os
 
 import numpy as np
 
@@ -35,6 +40,170 @@ def _grow(array: np.ndarray, capacity: int, fill: float | int = 0) -> np.ndarray
     grown = np.full((capacity,) + array.shape[1:], fill, dtype=array.dtype)
     grown[: len(array)] = array
     return grown
+
+
+class KeyTable:
+    """Rows of one namespace by page key: open addressing with linear probing, all in numpy.
+
+    A slot holds a row number (``EMPTY``, ``DELETED`` or >= 0); the key itself
+    lives in the index's ``keys`` column, so a slot costs 4 bytes and the table
+    stays at most 70% full (counting deleted slots; it is rebuilt past that).
+    Every operation is vectorised over a batch of keys: one numpy pass per probe
+    step, a handful of steps at these loads.  Keys are hashed with a per-process
+    random seed, so a client cannot aim many keys at one probe chain.
+    """
+
+    EMPTY = -1
+    DELETED = -2
+    MAX_LOAD = 0.7
+    _MUL1 = np.uint64(0x9E3779B97F4A7C15)
+    _MUL2 = np.uint64(0xBF58476D1CE4E5B9)
+
+    def __init__(self, index: PageIndex, capacity: int = 1024) -> None:
+        self._index = index
+        self.slots = np.full(_pow2(capacity), self.EMPTY, dtype=np.int32)
+        self.used = 0  # live entries
+        self.deleted = 0
+        self._seed = np.uint64(int.from_bytes(os.urandom(8), "little"))
+
+    def __len__(self) -> int:
+        return self.used
+
+    @property
+    def _mask(self) -> np.int64:
+        return np.int64(len(self.slots) - 1)
+
+    def _home(self, words: np.ndarray) -> np.ndarray:
+        """First probe position of each key (``words``: [n, 2] u64)."""
+        with np.errstate(over="ignore"):
+            h = (words[:, 0] ^ self._seed) * self._MUL1
+            h ^= (words[:, 1] + (h >> np.uint64(29))) * self._MUL2
+            h ^= h >> np.uint64(32)
+        return (h & np.uint64(len(self.slots) - 1)).astype(np.int64)
+
+    def _words(self, rows: np.ndarray) -> np.ndarray:
+        return self._index.keys[rows].view(np.uint64)
+
+    def find(self, words: np.ndarray) -> np.ndarray:
+        """Row of each key (``words``: [n, 2] u64 of the 16-byte keys), -1 when absent."""
+        n = len(words)
+        found = np.full(n, -1, dtype=np.int64)
+        if n == 0 or self.used == 0:
+            return found
+        keys = self._index.keys.view(np.uint64)
+        active = np.arange(n)
+        pos = self._home(words)
+        mask = self._mask
+        while len(active):
+            if len(active) <= _TAIL:
+                self._find_tail(words, active, pos, found, keys)
+                break
+            cand = self.slots[pos].astype(np.int64)
+            live = cand >= 0
+            safe = np.where(live, cand, 0)
+            hit = live & (keys[safe, 0] == words[active, 0]) & (keys[safe, 1] == words[active, 1])
+            found[active[hit]] = cand[hit]
+            more = ~hit & (cand != self.EMPTY)
+            active = active[more]
+            pos = (pos[more] + 1) & mask
+        return found
+
+    def _find_tail(
+        self, words: np.ndarray, active: np.ndarray, pos: np.ndarray, found: np.ndarray, keys: np.ndarray
+    ) -> None:
+        """The last few keys of a batch, probed one by one: cheaper than numpy passes over a handful."""
+        slots, mask = self.slots, int(self._mask)
+        for i, p in zip(active.tolist(), pos.tolist(), strict=True):
+            w0, w1 = int(words[i, 0]), int(words[i, 1])
+            while True:
+                row = int(slots[p])
+                if row == self.EMPTY:
+                    break
+                if row >= 0 and int(keys[row, 0]) == w0 and int(keys[row, 1]) == w1:
+                    found[i] = row
+                    break
+                p = (p + 1) & mask
+
+    def insert(self, rows: np.ndarray) -> None:
+        """Add ``rows`` (their keys already in the keys column; absent from the table, distinct)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if not len(rows):
+            return
+        if (self.used + self.deleted + len(rows)) > self.MAX_LOAD * len(self.slots):
+            self._rebuild(self.used + len(rows))
+        self._place(rows)
+        self.used += len(rows)
+
+    def _place(self, rows: np.ndarray) -> None:
+        pending = np.arange(len(rows))
+        pos = self._home(self._words(rows))
+        mask = self._mask
+        while len(pending):
+            if len(pending) <= _TAIL:
+                slots, m = self.slots, int(mask)
+                for row, p in zip(rows[pending].tolist(), pos.tolist(), strict=True):
+                    while slots[p] >= 0:
+                        p = (p + 1) & m
+                    if slots[p] == self.DELETED:
+                        self.deleted -= 1
+                    slots[p] = row
+                return
+            cand = self.slots[pos]
+            open_ = np.flatnonzero(cand < 0)
+            # several keys may reach the same open slot in one step: the first of each takes it
+            spots, first = np.unique(pos[open_], return_index=True)
+            winners = open_[first]
+            self.deleted -= int(np.count_nonzero(cand[winners] == self.DELETED))
+            self.slots[spots] = rows[pending[winners]]
+            keep = np.ones(len(pending), dtype=bool)
+            keep[winners] = False
+            pending = pending[keep]
+            pos = (pos[keep] + 1) & mask
+
+    def delete(self, rows: np.ndarray) -> None:
+        """Forget ``rows`` (rows not in the table are ignored)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if not len(rows) or self.used == 0:
+            return
+        active = np.arange(len(rows))
+        pos = self._home(self._words(rows))
+        mask = self._mask
+        while len(active):
+            if len(active) <= _TAIL:
+                slots, m = self.slots, int(mask)
+                for row, p in zip(rows[active].tolist(), pos.tolist(), strict=True):
+                    while slots[p] != self.EMPTY and slots[p] != row:
+                        p = (p + 1) & m
+                    if slots[p] == row:
+                        slots[p] = self.DELETED
+                        self.used -= 1
+                        self.deleted += 1
+                return
+            cand = self.slots[pos].astype(np.int64)
+            hit = cand == rows[active]
+            self.slots[pos[hit]] = self.DELETED
+            self.used -= int(np.count_nonzero(hit))
+            self.deleted += int(np.count_nonzero(hit))
+            more = ~hit & (cand != self.EMPTY)
+            active = active[more]
+            pos = (pos[more] + 1) & mask
+
+    def _rebuild(self, live: int) -> None:
+        rows = self.slots[self.slots >= 0].astype(np.int64)
+        self.slots = np.full(_pow2(max(1024, int(live / 0.5))), self.EMPTY, dtype=np.int32)
+        self.deleted = 0
+        self._place(rows)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.slots.nbytes)
+
+
+_TAIL = 24  # keys left in a batch below which probing goes on in plain Python
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, int(n - 1).bit_length())
 
 
 class PendingTable:
@@ -129,14 +298,14 @@ class PageIndex:
         # slot bytes per namespace id (rows find their slot size through their namespace)
         self.ns_slot_bytes = np.zeros(1 << 16, dtype=np.uint64)
         self.ns_rows = np.zeros(1 << 16, dtype=np.int64)
-        self.tables: dict[int, dict[bytes, int]] = {}
+        self.tables: dict[int, KeyTable] = {}
         self.pending: dict[int, PendingTable] = {}
         self.high = 0  # rows [0, high) have been used; scans look at these only
         self._free: list[int] = []
 
     # -- namespaces
     def add_namespace(self, ns_id: int, slot_bytes: int, num_layers: int, num_heads: int) -> None:
-        self.tables[ns_id] = {}
+        self.tables[ns_id] = KeyTable(self)
         self.pending[ns_id] = PendingTable(num_layers, num_heads)
         self.ns_slot_bytes[ns_id] = slot_bytes
 
@@ -163,14 +332,12 @@ class PageIndex:
     # -- lookups
     def lookup(self, ns_id: int, packed_keys: bytes) -> np.ndarray:
         """Row of each 16-byte key (-1: absent), in order."""
-        table = self.tables.get(ns_id, {})
         count = len(packed_keys) // KEY_BYTES
-        get = table.get
-        return np.fromiter(
-            (get(packed_keys[i : i + KEY_BYTES], -1) for i in range(0, count * KEY_BYTES, KEY_BYTES)),
-            dtype=np.int64,
-            count=count,
-        )
+        table = self.tables.get(ns_id)
+        if table is None:
+            return np.full(count, -1, dtype=np.int64)
+        words = np.frombuffer(packed_keys, dtype=np.uint64, count=count * 2).reshape(count, 2)
+        return table.find(words)
 
     def prefix_length(self, rows: np.ndarray, node_alive: np.ndarray) -> int:
         """Pages counted from page 0: present, complete, on a live node, parent = previous page."""
@@ -233,8 +400,7 @@ class PageIndex:
         self.state[rows] = PENDING
         self.last_access[rows] = now
         self.pend[rows] = self.pending[ns_id].alloc(len(rows))
-        for i, row in enumerate(rows.tolist()):
-            table[packed_keys[i * KEY_BYTES : (i + 1) * KEY_BYTES]] = row
+        table.insert(rows)
         np.add.at(self.ns_rows, np.full(len(rows), ns_id, dtype=np.int64), 1)
 
     def complete(self, rows: np.ndarray, now: float) -> None:
@@ -259,9 +425,7 @@ class PageIndex:
             sel = rows[ns_of == ns_id]
             table = self.tables.get(ns_id)
             if table is not None:
-                raw = self.keys[sel].tobytes()
-                for i in range(len(sel)):
-                    table.pop(raw[i * KEY_BYTES : (i + 1) * KEY_BYTES], None)
+                table.delete(sel)
             pending = self.pending.get(ns_id)
             pend = self.pend[sel]
             if pending is not None:

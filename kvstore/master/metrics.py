@@ -9,12 +9,24 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import TYPE_CHECKING
 
 from kvstore.master.core import Master
+
+if TYPE_CHECKING:
+    from kvstore.master.role import MasterRole
 
 log = logging.getLogger("kvstore.master.metrics")
 
 READ_TIMEOUT_S = 5.0
+
+
+def render_role(role: MasterRole) -> str:
+    """The leader's metrics; a standby reports only that it does not lead."""
+    master = role.current
+    if master is None:
+        return "# TYPE kvstore_master_leader gauge\nkvstore_master_leader 0\n"
+    return "# TYPE kvstore_master_leader gauge\nkvstore_master_leader 1\n" + render(master)
 
 
 def render(master: Master) -> str:
@@ -59,7 +71,7 @@ def _escape(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
-async def serve_metrics(master: Master, host: str, port: int) -> asyncio.Server:
+async def serve_metrics(role: MasterRole, host: str, port: int) -> asyncio.Server:
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             request_line = await asyncio.wait_for(reader.readline(), READ_TIMEOUT_S)
@@ -67,7 +79,7 @@ async def serve_metrics(master: Master, host: str, port: int) -> asyncio.Server:
                 pass  # headers
             parts = request_line.decode("latin-1").split()
             if len(parts) >= 2 and parts[0] == "GET" and parts[1].split("?")[0] == "/metrics":
-                body, status = render(master).encode(), "200 OK"
+                body, status = render_role(role).encode(), "200 OK"
             else:
                 body, status = b"not found\n", "404 Not Found"
             writer.write(

@@ -48,6 +48,8 @@ class NodeRecord:
     last_heartbeat: float
     alive: bool = True
     ready: bool = True  # False while its registration is being completed: not placed on
+    # Until then (clock()), nothing is allocated or evicted here: a previous leader's writers may hold slots.
+    warm_until: float = 0.0
     hits: int = 0
     lookups: int = 0
     evictions: int = 0

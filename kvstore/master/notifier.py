@@ -186,6 +186,20 @@ class Notifier:
             queue.failing_since = 0.0
             return True
 
+    async def announce_term(self, node: int) -> bool:
+        """Send ``node`` an empty batch carrying the current term (a new leader fencing its predecessor).
+
+        In order with everything else queued for the node; False if it could not be reached.
+        """
+        queue = self._queue(node)
+        async with queue.lock:
+            try:
+                await self._send(node, _Batch().to_message(self._term()))
+            except Exception as exc:  # noqa: BLE001 - any transport failure
+                log.warning("term announcement to node %d failed: %s", node, exc)
+                return False
+        return True
+
     async def flush_all(self) -> None:
         nodes = [n for n, q in self._queues.items() if any(not b.empty() for b in q.batches)]
         if nodes:

@@ -1,7 +1,10 @@
 """gRPC servicers of the master: request decoding and validation, then :mod:`kvstore.master.core`.
 
 Every method is wrapped by :func:`kvstore.errors.grpc_errors`, so a bad request
-gets its documented status and the service keeps serving everyone else.
+gets its documented status and the service keeps serving everyone else.  The
+servicers ask the :class:`kvstore.master.role.MasterRole` for the leading Master
+on every call: a standby answers KVStore and NodeRegistry calls with NOT_LEADER
+naming the leader, and Admin ListNodes / GetConfig on any master.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from kvstore._proto import kvstore_pb2_grpc as pb_grpc
 from kvstore.errors import ErrorCode, KVStoreError, grpc_errors
 from kvstore.keys import KEY_BYTES
 from kvstore.master.core import Master
+from kvstore.master.role import MasterRole
 
 MAX_NAME_BYTES = 256
 MAX_EXTRA_NAME = 256
@@ -61,49 +65,54 @@ def _tp(rank: int, size: int) -> tuple[int, int]:
 
 
 class KVStoreServicer(pb_grpc.KVStoreServicer):
-    def __init__(self, master: Master) -> None:
-        self.master = master
-        self.max_pages = master.cfg.max_request_pages
+    def __init__(self, role: MasterRole) -> None:
+        self.role = role
+        self.max_pages = role.cfg.max_request_pages
 
     @grpc_errors
     async def CreateNamespace(
         self, request: pb.CreateNamespaceRequest, context: grpc.aio.ServicerContext
     ) -> pb.CreateNamespaceResponse:
+        master = await self.role.master()
         if not request.HasField("spec"):
             raise KVStoreError(ErrorCode.INVALID_ARGUMENT, "spec is required")
         _name(request.spec.name)
-        spec, created = await self.master.create_namespace(request.spec)
+        spec, created = await master.create_namespace(request.spec)
         return pb.CreateNamespaceResponse(spec=spec, created=created)
 
     @grpc_errors
     async def GetNamespace(
         self, request: pb.GetNamespaceRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetNamespaceResponse:
-        ns = await self.master.namespace(_name(request.name))
+        master = await self.role.master()
+        ns = await master.namespace(_name(request.name))
         return pb.GetNamespaceResponse(spec=ns.spec)
 
     @grpc_errors
     async def ListNamespaces(
         self, request: pb.ListNamespacesRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListNamespacesResponse:
-        return pb.ListNamespacesResponse(specs=await self.master.list_namespaces())
+        master = await self.role.master()
+        return pb.ListNamespacesResponse(specs=await master.list_namespaces())
 
     @grpc_errors
     async def DeleteNamespace(
         self, request: pb.DeleteNamespaceRequest, context: grpc.aio.ServicerContext
     ) -> pb.DeleteNamespaceResponse:
-        freed = await self.master.delete_namespace(_name(request.name))
+        master = await self.role.master()
+        freed = await master.delete_namespace(_name(request.name))
         return pb.DeleteNamespaceResponse(pages_freed=freed)
 
     @grpc_errors
     async def OpenPut(
         self, request: pb.OpenPutRequest, context: grpc.aio.ServicerContext
     ) -> pb.OpenPutResponse:
+        master = await self.role.master()
         packed = _keys(request.keys, self.max_pages, allow_empty=False)
         if len(request.parent_key) not in (0, KEY_BYTES):
             raise KVStoreError(ErrorCode.BAD_KEYS, f"parent_key must be empty or {KEY_BYTES} bytes")
         rank, size = _tp(request.tp_rank, request.tp_size)
-        return await self.master.open_put(
+        return await master.open_put(
             _name(request.namespace),
             packed,
             parent_key=bytes(request.parent_key),
@@ -118,32 +127,34 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
     async def CommitLayer(
         self, request: pb.CommitLayerRequest, context: grpc.aio.ServicerContext
     ) -> pb.CommitLayerResponse:
+        master = await self.role.master()
         layers = _packed(request.layers, "<u2", "layers")
         checksums = _packed(request.checksums, "<u8", "checksums")
-        completed, done = self.master.commit_layer(request.session_id, layers, checksums)
+        completed, done = master.commit_layer(request.session_id, layers, checksums)
         return pb.CommitLayerResponse(pages_completed=completed, session_done=done)
 
     @grpc_errors
     async def AbortPut(
         self, request: pb.AbortPutRequest, context: grpc.aio.ServicerContext
     ) -> pb.AbortPutResponse:
-        return pb.AbortPutResponse(pages_freed=self.master.abort_put(request.session_id))
+        master = await self.role.master()
+        return pb.AbortPutResponse(pages_freed=master.abort_put(request.session_id))
 
     @grpc_errors
     async def MatchPrefix(
         self, request: pb.MatchPrefixRequest, context: grpc.aio.ServicerContext
     ) -> pb.MatchPrefixResponse:
+        master = await self.role.master()
         packed = _keys(request.keys, self.max_pages)
-        return pb.MatchPrefixResponse(
-            num_pages=await self.master.match_prefix(_name(request.namespace), packed)
-        )
+        return pb.MatchPrefixResponse(num_pages=await master.match_prefix(_name(request.namespace), packed))
 
     @grpc_errors
     async def AcquirePrefix(
         self, request: pb.AcquirePrefixRequest, context: grpc.aio.ServicerContext
     ) -> pb.AcquirePrefixResponse:
+        master = await self.role.master()
         packed = _keys(request.keys, self.max_pages)
-        return await self.master.acquire_prefix(
+        return await master.acquire_prefix(
             _name(request.namespace), packed, lease_ms=request.lease_ms, client_host=request.client_host
         )
 
@@ -151,15 +162,17 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
     async def DescribeLease(
         self, request: pb.DescribeLeaseRequest, context: grpc.aio.ServicerContext
     ) -> pb.AcquirePrefixResponse:
+        master = await self.role.master()
         if not request.lease_id or len(request.lease_id) > MAX_LEASE_ID:
             raise KVStoreError(ErrorCode.LEASE_NOT_FOUND, "read lease unknown, released or expired")
-        return self.master.describe_lease(request.lease_id)
+        return master.describe_lease(request.lease_id)
 
     @grpc_errors
     async def ReleaseLease(
         self, request: pb.ReleaseLeaseRequest, context: grpc.aio.ServicerContext
     ) -> pb.ReleaseLeaseResponse:
-        return pb.ReleaseLeaseResponse(released=self.master.release_lease(request.lease_id))
+        master = await self.role.master()
+        return pb.ReleaseLeaseResponse(released=master.release_lease(request.lease_id))
 
     def _extra_key(self, namespace: str, digest: bytes, name: str) -> tuple[str, bytes, str]:
         if len(digest) != 16:
@@ -172,77 +185,82 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
     async def PutExtra(
         self, request: pb.PutExtraRequest, context: grpc.aio.ServicerContext
     ) -> pb.PutExtraResponse:
+        master = await self.role.master()
         namespace, digest, name = self._extra_key(request.namespace, request.sequence_digest, request.name)
-        limit = self.master.cfg.max_extra_bytes
+        limit = master.cfg.max_extra_bytes
         if len(request.data) > limit:
             raise KVStoreError(
                 ErrorCode.TOO_LARGE, f"extra of {len(request.data)} bytes; the limit is {limit}"
             )
-        await self.master.put_extra(namespace, digest, name, bytes(request.data))
+        await master.put_extra(namespace, digest, name, bytes(request.data))
         return pb.PutExtraResponse()
 
     @grpc_errors
     async def GetExtra(
         self, request: pb.GetExtraRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetExtraResponse:
+        master = await self.role.master()
         namespace, digest, name = self._extra_key(request.namespace, request.sequence_digest, request.name)
-        return pb.GetExtraResponse(data=await self.master.get_extra(namespace, digest, name))
+        return pb.GetExtraResponse(data=await master.get_extra(namespace, digest, name))
 
 
 class NodeRegistryServicer(pb_grpc.NodeRegistryServicer):
-    def __init__(self, master: Master) -> None:
-        self.master = master
+    def __init__(self, role: MasterRole) -> None:
+        self.role = role
 
     @grpc_errors
     async def RegisterNode(
         self, request: pb.RegisterNodeRequest, context: grpc.aio.ServicerContext
     ) -> pb.RegisterNodeResponse:
-        return await self.master.register_node(request)
+        master = await self.role.master()
+        return await master.register_node(request)
 
     @grpc_errors
     async def Heartbeat(
         self, request: pb.HeartbeatRequest, context: grpc.aio.ServicerContext
     ) -> pb.HeartbeatResponse:
-        known = self.master.heartbeat(request.node_id, bytes(request.incarnation))
-        return pb.HeartbeatResponse(known=known, term=self.master.term)
+        master = await self.role.master()
+        known = master.heartbeat(request.node_id, bytes(request.incarnation))
+        return pb.HeartbeatResponse(known=known, term=master.term)
 
 
 class AdminServicer(pb_grpc.AdminServicer):
-    def __init__(self, master: Master) -> None:
-        self.master = master
+    def __init__(self, role: MasterRole) -> None:
+        self.role = role
 
     @grpc_errors
     async def ListNodes(
         self, request: pb.ListNodesRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListNodesResponse:
-        return pb.ListNodesResponse(
-            nodes=self.master.node_statuses(),
-            term=self.master.term,
-            leader_address=self.master.leadership.leader_address,
-        )
+        return await self.role.list_nodes()
 
     @grpc_errors
     async def ClusterStats(
         self, request: pb.ClusterStatsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ClusterStatsResponse:
-        return self.master.cluster_stats()
+        master = await self.role.master()
+        return master.cluster_stats()
 
     @grpc_errors
     async def Evict(self, request: pb.EvictRequest, context: grpc.aio.ServicerContext) -> pb.EvictResponse:
-        evicted, skipped = await self.master.admin_evict(request.namespace, request.all)
+        master = await self.role.master()
+        evicted, skipped = await master.admin_evict(request.namespace, request.all)
         return pb.EvictResponse(pages_evicted=evicted, pages_skipped_leased=skipped)
 
     @grpc_errors
     async def GetConfig(
         self, request: pb.GetConfigRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetConfigResponse:
-        return pb.GetConfigResponse(toml=self.master.cfg.to_toml())
+        return pb.GetConfigResponse(toml=self.role.cfg.to_toml())
 
 
-def add_servicers(server: grpc.aio.Server, master: Master) -> None:
-    pb_grpc.add_KVStoreServicer_to_server(KVStoreServicer(master), server)
-    pb_grpc.add_NodeRegistryServicer_to_server(NodeRegistryServicer(master), server)
-    pb_grpc.add_AdminServicer_to_server(AdminServicer(master), server)
+def add_servicers(server: grpc.aio.Server, role: MasterRole | Master) -> None:
+    """Serve ``role`` (or always one already started Master) on ``server``."""
+    if isinstance(role, Master):
+        role = MasterRole.fixed(role)
+    pb_grpc.add_KVStoreServicer_to_server(KVStoreServicer(role), server)
+    pb_grpc.add_NodeRegistryServicer_to_server(NodeRegistryServicer(role), server)
+    pb_grpc.add_AdminServicer_to_server(AdminServicer(role), server)
 
 
 def server_options(max_message_bytes: int) -> list[tuple[str, int]]:

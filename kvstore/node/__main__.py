@@ -3,7 +3,11 @@
 Start-up: bind the data socket (its port names the node by default), create
 the DRAM pool (sweeping orphans of dead nodes first), start the gRPC ``Node``
 service and the TCP data server, then register with the master and heartbeat.
-Once registered it prints one line::
+With ``--etcd`` the node first registers in etcd under a lease of ``node_ttl_ms``
+(the record is its RegisterNodeRequest, so a new leader can adopt it without
+waiting to hear from it), keeps that lease alive every ``heartbeat_ms``, and
+finds the leading master through etcd; without it, the ``--master`` addresses
+are tried in turn.  Once registered with a master it prints one line::
 
     kvstore-node NODE_ID data HOST:PORT control HOST:PORT
 
@@ -26,6 +30,8 @@ import grpc
 from kvstore import config, hostid, logs
 from kvstore._proto import kvstore_pb2 as pb
 from kvstore._proto import kvstore_pb2_grpc as pb_grpc
+from kvstore.errors import KVStoreError
+from kvstore.metadata import MetadataBackend, NodeRegistration, create_backend
 from kvstore.node.data_server import DataServer, open_listener
 from kvstore.node.inventory import Inventory
 from kvstore.node.master_link import MasterLink
@@ -52,6 +58,51 @@ def advertised_host(cfg: config.Config) -> str:
     if cfg.host in ("", "0.0.0.0", "::", "[::]"):
         return socket.getfqdn()
     return str(cfg.host)
+
+
+class StoreRegistration:
+    """This node's registration in the metadata store: registered, kept alive, registered again if it lapsed."""
+
+    def __init__(
+        self, metadata: MetadataBackend, node_id: str, info: bytes, ttl_s: float, interval_s: float
+    ) -> None:
+        self._metadata = metadata
+        self._node_id = node_id
+        self._info = info
+        self._ttl_s = ttl_s
+        self._interval_s = interval_s
+        self._registration: NodeRegistration | None = None
+
+    async def run(self) -> None:
+        failing = False
+        while True:
+            try:
+                if self._registration is None:
+                    self._registration = await self._metadata.register_node(
+                        self._node_id, self._info, self._ttl_s
+                    )
+                    log.info("registered in the metadata store (TTL %.1f s)", self._ttl_s)
+                elif not await self._metadata.keepalive_node(self._registration):
+                    log.warning("the node's registration lapsed in the metadata store; registering again")
+                    self._registration = None
+                    continue
+                if failing:
+                    log.warning("metadata store reachable again")
+                failing = False
+            except KVStoreError as exc:
+                if not failing:
+                    log.warning(
+                        "cannot renew the node's registration (%s); still serving, retrying", exc.message
+                    )
+                failing = True
+            await asyncio.sleep(self._interval_s)
+
+    async def close(self) -> None:
+        """A clean shutdown ends the registration now, so the leader drops this node's pages at once."""
+        registration, self._registration = self._registration, None
+        if registration is not None:
+            with contextlib.suppress(KVStoreError, TimeoutError):
+                await asyncio.wait_for(self._metadata.unregister_node(registration), SHUTDOWN_GRACE_S)
 
 
 def parse_secret(text: str) -> bytes | None:
@@ -126,6 +177,21 @@ async def run_node(cfg: config.Config) -> None:
             if link.registrations == 1:
                 print(f"kvstore-node {node_id} data {data_address} control {control_address}", flush=True)
 
+        metadata: MetadataBackend | None = None
+        background: list[asyncio.Task[None]] = []
+        if cfg.etcd.strip():
+            metadata = create_backend(cfg.etcd, cluster=cfg.cluster)
+            cleanup.push_async_callback(metadata.close)
+            in_store = StoreRegistration(
+                metadata,
+                node_id,
+                registration.SerializeToString(),
+                ttl_s=cfg.node_ttl_ms / 1000.0,
+                interval_s=cfg.heartbeat_ms / 1000.0,
+            )
+            cleanup.push_async_callback(in_store.close)
+            background.append(asyncio.create_task(in_store.run(), name="kvstore-node-registration"))
+
         link = MasterLink(
             [a.strip() for a in cfg.master.split(",") if a.strip()],
             registration,
@@ -134,6 +200,7 @@ async def run_node(cfg: config.Config) -> None:
             rpc_timeout_ms=cfg.rpc_timeout_ms,
             secret_configured=secret is not None,
             on_registered=announce,
+            find_leader=metadata.leader if metadata is not None else None,
         )
         cleanup.push_async_callback(link.close)
         link_task = asyncio.create_task(link.run(), name="kvstore-node-master-link")
@@ -146,9 +213,10 @@ async def run_node(cfg: config.Config) -> None:
         if link_task in done:
             stop_task.cancel()
             link_task.result()  # MasterLink.run only ends by failing: surface it
-        link_task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await link_task
+        for task in (link_task, *background):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         log.info("node %s stopping", node_id)
 
 

@@ -10,10 +10,11 @@ covered by the grant at the generation the pool header shows now; every range
 inside its slot as the inventory knows it.  A rejected WRITE still has its
 payload drained so the stream stays in sync; a request whose framing cannot be
 trusted (garbage header, oversized payload) closes the connection instead.
-A WRITE lands straight in the pool (scatter receive into views of the mapping),
-is hashed with one native call and compared with the client's hashes.  A READ is
-hashed with one native call and sent from views of the mapping (gather send);
-its trailer says whether every slot kept its generation through the send.
+A WRITE lands straight in the pool (one native scatter receive, GIL released,
+hashing each range as it lands) and is compared with the client's hashes,
+which follow the payload.  A READ is sent straight from the mapping (one native
+gather send, hashing as it goes out), then its hashes and a trailer that says
+whether every slot kept its generation through the send.
 """
 
 from __future__ import annotations
@@ -38,7 +39,6 @@ from kvstore.transports import tcp_wire
 
 log = logging.getLogger("kvstore.node.data")
 
-SOCKET_BUFFER_BYTES = 8 << 20
 DRAIN_CHUNK = 1 << 20
 # how long a connection closed for a bad request keeps discarding input so the answer gets through
 LINGER_S = 1.0
@@ -72,44 +72,14 @@ def open_listener(host: str, port: int, backlog: int = 128) -> socket.socket:
     listener = socket.socket(family, kind, proto)
     try:
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        # Accepted sockets inherit these; setting them before listen() lets the window scale up.
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER_BYTES)
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER_BYTES)
+        # No SO_RCVBUF/SO_SNDBUF: setting them turns off the kernel's buffer autotuning, which
+        # measured here costs a quarter of a loopback stream (5.8 -> 4.2 GB/s with 4 MiB buffers).
         listener.bind(address)
         listener.listen(backlog)
     except BaseException:
         listener.close()
         raise
     return listener
-
-
-def recv_into_buffers(sock: socket.socket, buffers: list[memoryview]) -> None:
-    """Fill every buffer in order from the socket, IOV_BATCH buffers per system call (scatter receive)."""
-    pending = [b for b in buffers if len(b)]
-    first = 0
-    while first < len(pending):
-        batch = pending[first : first + tcp_wire.IOV_BATCH]
-        got = sock.recvmsg_into(batch)[0]
-        if got == 0:
-            raise ConnectionError("peer closed the connection in the middle of a payload")
-        # advance past fully filled buffers, trim a partially filled one
-        while got and got >= len(pending[first]):
-            got -= len(pending[first])
-            first += 1
-        if got:
-            pending[first] = pending[first][got:]
-
-
-def _runs(starts: np.ndarray, lengths: np.ndarray) -> tuple[list[int], list[int]]:
-    """Merge ranges that follow each other in memory: fewer buffers per system call."""
-    if len(starts) == 0:
-        return [], []
-    ends = starts + lengths
-    begins_run = np.ones(len(starts), dtype=bool)
-    begins_run[1:] = starts[1:] != ends[:-1]
-    heads = np.flatnonzero(begins_run)
-    tails = np.append(heads[1:] - 1, len(starts) - 1)
-    return starts[heads].tolist(), ends[tails].tolist()
 
 
 @dataclass(frozen=True)
@@ -242,16 +212,15 @@ class DataServer:
             return False
         grant_raw = tcp_wire.recv_exact(conn, grant_len)
         ops_raw = tcp_wire.recv_exact(conn, nops * OP_BYTES)
-        hashes_raw = tcp_wire.recv_exact(conn, nops * HASH_BYTES) if op == tcp_wire.OP_WRITE else b""
         try:
             checked = self._check(op, grant_raw, ops_raw, payload_len)
         except KVStoreError as exc:
             if op == tcp_wire.OP_WRITE:
-                self._drain(conn, payload_len)
+                self._drain(conn, payload_len + nops * HASH_BYTES)  # payload and the hashes after it
             self._reject(conn, exc)
             return True
         if op == tcp_wire.OP_WRITE:
-            return self._write(conn, checked, hashes_raw)
+            return self._write(conn, checked)
         return self._read(conn, checked)
 
     def _check(self, op: int, grant_raw: bytes, ops_raw: bytes, payload_len: int) -> _Checked:
@@ -299,22 +268,17 @@ class DataServer:
             raise KVStoreError(ErrorCode.BAD_RANGE, "a range runs past the end of its slot")
         return _Checked(slots=slots, starts=slots + offsets, lengths=lengths, granted=granted, total=total)
 
-    def _views(self, checked: _Checked) -> list[memoryview]:
-        data = self._data
-        assert data is not None
-        begins, ends = _runs(checked.starts, checked.lengths)
-        return [data[b:e] for b, e in zip(begins, ends, strict=True)]
-
-    def _hashes(self, checked: _Checked) -> np.ndarray:
+    def _ranges(self, checked: _Checked) -> np.ndarray:
+        """(address, length) of each range in the mapped region, for the native socket calls."""
         table = np.empty((len(checked.starts), 2), dtype=np.uint64)
         table[:, 0] = checked.starts + np.uint64(self._tier.data_address)
         table[:, 1] = checked.lengths
-        return native.hash_ranges(table, self._hash_threads)
+        return table
 
-    def _write(self, conn: socket.socket, checked: _Checked, hashes_raw: bytes) -> bool:
-        recv_into_buffers(conn, self._views(checked))
-        landed = self._hashes(checked)
-        expected = np.frombuffer(hashes_raw, dtype="<u8")
+    def _write(self, conn: socket.socket, checked: _Checked) -> bool:
+        # Straight into the pool, hashed as it lands; the client's hashes follow the payload.
+        landed = native.recv_ranges(conn, self._ranges(checked), with_hashes=True)
+        expected = np.frombuffer(tcp_wire.recv_exact(conn, len(checked.starts) * HASH_BYTES), dtype="<u8")
         self.stats.add(written=checked.total)
         bad = np.flatnonzero(landed != expected)
         if len(bad):
@@ -334,12 +298,13 @@ class DataServer:
         return True
 
     def _read(self, conn: socket.socket, checked: _Checked) -> bool:
-        hashes = self._hashes(checked)
-        head = tcp_wire.encode_response_head(0, "", checked.total) + hashes.astype("<u8").tobytes()
-        tcp_wire.send_buffers(conn, [head, *self._views(checked)])
+        # Straight from the pool, hashed as it goes out; hashes and the generation trailer follow.
+        conn.sendall(tcp_wire.encode_response_head(0, "", checked.total))
+        hashes = native.send_ranges(conn, self._ranges(checked), with_hashes=True)
+        assert hashes is not None
         unchanged = bool(np.all(self._tier.generation(checked.slots) == checked.granted))
         self.stats.add(read=checked.total)
-        conn.sendall(b"\x01" if unchanged else b"\x00")
+        conn.sendall(hashes.astype("<u8").tobytes() + (b"\x01" if unchanged else b"\x00"))
         return True
 
     # -- errors

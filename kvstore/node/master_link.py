@@ -2,8 +2,10 @@
 
 The master may be down, restarting or failing over; the node keeps serving its
 data plane regardless and keeps trying, quietly (one log line every few seconds).
-With several master addresses it moves to the next one whenever the current
-one fails or says it is not the leader.
+It finds the leader the way it was told to: through etcd (``find_leader``: the
+address etcd records), or through a list of master addresses tried in turn.
+A NOT_LEADER answer that names the leader sends it straight there; any other
+failure makes it look again (etcd) or move to the next address (list).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import grpc
 
@@ -39,11 +41,14 @@ class MasterLink:
         rpc_timeout_ms: int,
         secret_configured: bool,
         on_registered: Callable[[pb.RegisterNodeResponse], None] | None = None,
+        find_leader: Callable[[], Awaitable[str | None]] | None = None,
     ) -> None:
-        if not addresses:
+        if not addresses and find_leader is None:
             raise ValueError("no master address")
         self._addresses = addresses
-        self._current = 0
+        self._find_leader = find_leader
+        # where the next call goes; "" means: ask find_leader first
+        self._address = "" if find_leader is not None or not addresses else addresses[0]
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._registration = registration
         self._state = state
@@ -54,15 +59,32 @@ class MasterLink:
         self._last_log = float("-inf")
         self.registrations = 0
 
-    def _stub(self) -> tuple[str, pb_grpc.NodeRegistryStub]:
-        address = self._addresses[self._current]
+    async def _stub(self) -> tuple[str, pb_grpc.NodeRegistryStub | None]:
+        """The master to talk to now, or ("", None) while no leader can be found."""
+        if not self._address and self._find_leader is not None:
+            try:
+                self._address = await self._find_leader() or ""
+            except KVStoreError as exc:
+                self._log_quietly("cannot look up the leading master (%s); still serving data", exc)
+            if not self._address and self._addresses:
+                self._address = self._addresses[0]  # etcd has no answer: fall back on the list
+        address = self._address
+        if not address:
+            return "", None
         channel = self._channels.get(address)
         if channel is None:
             channel = self._channels[address] = grpc.aio.insecure_channel(address)
         return address, pb_grpc.NodeRegistryStub(channel)
 
-    def _next_master(self) -> None:
-        self._current = (self._current + 1) % len(self._addresses)
+    def _next_master(self, failed: str, exc: KVStoreError) -> None:
+        """After ``failed`` answered ``exc``: its named leader, a fresh lookup, or the next address."""
+        if exc.code is ErrorCode.NOT_LEADER and exc.leader and exc.leader != failed:
+            self._address = exc.leader
+        elif self._find_leader is not None:
+            self._address = ""
+        elif self._addresses:
+            at = self._addresses.index(failed) if failed in self._addresses else -1
+            self._address = self._addresses[(at + 1) % len(self._addresses)]
 
     def _log_quietly(self, text: str, *args: object) -> None:
         now = time.monotonic()
@@ -85,7 +107,12 @@ class MasterLink:
     async def _register(self) -> pb.RegisterNodeResponse:
         delay = FIRST_RETRY_S
         while True:
-            address, stub = self._stub()
+            address, stub = await self._stub()
+            if stub is None:
+                self._log_quietly("no leading master known yet; still serving data, retrying")
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, MAX_RETRY_S)
+                continue
             try:
                 response: pb.RegisterNodeResponse = await stub.RegisterNode(
                     self._registration, timeout=self._rpc_timeout_s
@@ -95,7 +122,9 @@ class MasterLink:
                 self._log_quietly(
                     "cannot register with master %s (%s); still serving data, retrying", address, exc
                 )
-                self._next_master()
+                self._next_master(address, exc)
+                if exc.leader and exc.leader != address:
+                    continue  # go to the leader it named at once
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, MAX_RETRY_S)
                 continue
@@ -135,14 +164,20 @@ class MasterLink:
         )
         while True:
             await asyncio.sleep(interval_s)
-            address, stub = self._stub()
+            address, stub = await self._stub()
+            if stub is None:
+                continue
             try:
                 response: pb.HeartbeatResponse = await stub.Heartbeat(request, timeout=timeout_s)
             except grpc.aio.AioRpcError as err:
                 exc: KVStoreError = from_rpc_error(err)
                 self._log_quietly("heartbeat to master %s failed (%s); still serving data", address, exc)
-                if exc.code is ErrorCode.NOT_LEADER or len(self._addresses) > 1:
-                    self._next_master()
+                if (
+                    exc.code is ErrorCode.NOT_LEADER
+                    or len(self._addresses) > 1
+                    or self._find_leader is not None
+                ):
+                    self._next_master(address, exc)
                 continue
             self._state.raise_term(response.term)
             if not response.known:

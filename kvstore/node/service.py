@@ -95,11 +95,13 @@ class NodeService(pb_grpc.NodeServicer):
             [namespaces[i] for i in a_ns.tolist()],
         )
         tier.set_generation(a_slots, a_gens)
+        inventory.note_generations(a_gens)
         committed = inventory.commit(c_slots, c_layers, c_heads[:, 0], c_heads[:, 1], c_sums)
         if committed != len(c_slots):
             log.warning("%d layer commits named slots this node does not hold", len(c_slots) - committed)
         # Free: publish the new generation first (fences readers and writers), then forget the slot.
         tier.set_generation(f_slots, f_gens)
+        inventory.note_generations(f_gens)
         inventory.free(f_slots)
         return pb.SlotUpdatesResponse(applied=n_assign + committed + len(f_slots))
 

@@ -168,18 +168,6 @@ def node_batches(placements: pb.Placements, pages: np.ndarray) -> tuple[list[Nod
     return batches, first_unplaced
 
 
-def coalesce(offsets: np.ndarray, lengths: np.ndarray) -> list[tuple[int, int]]:
-    """Merge ranges that follow each other back to back into (begin, end) spans, keeping order."""
-    if len(offsets) == 0:
-        return []
-    offsets = offsets.astype(np.int64)
-    ends = offsets + lengths.astype(np.int64)
-    breaks = np.flatnonzero(offsets[1:] != ends[:-1]) + 1
-    firsts = np.concatenate(([0], breaks))
-    lasts = np.concatenate((breaks - 1, [len(offsets) - 1]))
-    return list(zip(offsets[firsts].tolist(), ends[lasts].tolist(), strict=True))
-
-
 class Transport(ABC):
     """Moves batches of pages between a caller's buffer and one node's slots."""
 

@@ -2,10 +2,10 @@
 
 A batch (all pages and layers of one node) goes as one request, or a few when
 it is larger than :data:`MAX_REQUEST_BYTES`.  Payload bytes are sent from and
-received into the caller's buffer directly, with contiguous ranges merged, so
-Python touches a handful of spans, not every segment.  Hashes are computed with
-one native call per request: for a write they are both what the node checks
-and the run hashes of the commit checksums; for a read they check what landed.
+received into the caller's buffer directly by one native call per request
+(gathered system calls, GIL released), which hashes every range in the same
+pass: for a write the hashes are both what the node checks and the run hashes
+of the commit checksums; for a read they check what landed.
 """
 
 from __future__ import annotations
@@ -21,12 +21,11 @@ import numpy as np
 from kvstore import native
 from kvstore.errors import ErrorCode, KVStoreError
 from kvstore.transports import tcp_wire
-from kvstore.transports.base import CopyPlan, NodeBatch, Transport, check_batch, coalesce
+from kvstore.transports.base import CopyPlan, NodeBatch, Transport, check_batch
 
 log = logging.getLogger("kvstore.transports.tcp")
 
 MAX_REQUEST_BYTES = 256 << 20  # payload per request: bounds node-side buffering and the cost of a retry
-SOCKET_BUFFER_BYTES = 4 << 20
 MAX_IDLE_PER_ADDRESS = 8
 
 
@@ -55,8 +54,7 @@ class ConnectionPool:
         except OSError as exc:
             raise KVStoreError(ErrorCode.UNAVAILABLE, f"data server {address}: {exc}") from exc
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER_BYTES)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER_BYTES)
+        # Socket buffers are left to the kernel's autotuning: fixing them slows a stream down.
         return sock
 
     @contextlib.contextmanager
@@ -100,7 +98,7 @@ def _chunks(lengths: np.ndarray, limit: int = MAX_REQUEST_BYTES) -> list[tuple[i
 
 
 def _ranges(base: int, offsets: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """(address, length) rows for native.hash_ranges."""
+    """(address, length) rows for the native socket and hash calls."""
     return np.stack((np.uint64(base) + offsets.astype(np.uint64), lengths.astype(np.uint64)), axis=1)
 
 
@@ -126,26 +124,31 @@ class TcpTransport(Transport):
         check_batch(batch, plan.layout)
         ops, buf_offsets = plan.slot_ops(batch)
         lengths = ops[:, 2]
-        hashes = native.hash_ranges(_ranges(plan.address, buf_offsets, lengths), threads=self._threads)
+        ranges = _ranges(plan.address, buf_offsets, lengths)
+        hashes = np.empty(len(ops), dtype=np.uint64)
         grant = batch.grant.SerializeToString()
         address = batch.node.data_address
         for lo, hi in _chunks(lengths):
             head = tcp_wire.encode_request_head(
                 tcp_wire.OP_WRITE, grant, ops[lo:hi], int(lengths[lo:hi].sum())
             )
-            payload = [plan.buffer[b:e].data for b, e in coalesce(buf_offsets[lo:hi], lengths[lo:hi])]
             with self._connections.connection(address) as sock:
                 try:
-                    self._send(sock, address, [head, hashes[lo:hi].astype("<u8").tobytes(), *payload])
+                    self._send(sock, head, ranges[lo:hi], hashes[lo:hi])
                     tcp_wire.read_response_head(sock)
                 except OSError as exc:
                     raise _io_error(address, exc) from exc
         return hashes.reshape(len(plan.layers), len(batch), plan.runs_per_shard)
 
     @staticmethod
-    def _send(sock: socket.socket, address: str, buffers: list[memoryview | bytes]) -> None:
+    def _send(sock: socket.socket, head: bytes, ranges: np.ndarray, hashes: np.ndarray) -> None:
+        """Head, payload straight from the caller's buffer (hashed as it goes out), then the hashes."""
         try:
-            tcp_wire.send_buffers(sock, buffers)
+            sock.sendall(head)
+            sent = native.send_ranges(sock, ranges, with_hashes=True)
+            assert sent is not None
+            hashes[:] = sent
+            sock.sendall(sent.astype("<u8").tobytes())
         except OSError as exc:
             # The node may have refused the request and hung up before taking the payload:
             # its answer says why, which beats "broken pipe".
@@ -160,13 +163,14 @@ class TcpTransport(Transport):
         check_batch(batch, plan.layout)
         ops, buf_offsets = plan.slot_ops(batch)
         lengths = ops[:, 2]
+        ranges = _ranges(plan.address, buf_offsets, lengths)
         op_pages = plan.op_pages(batch)
         grant = batch.grant.SerializeToString()
         address = batch.node.data_address
         intact = len(batch)
         for lo, hi in _chunks(lengths):
             try:
-                bad = self._read_request(address, grant, ops[lo:hi], buf_offsets[lo:hi], plan)
+                bad = self._read_request(address, grant, ops[lo:hi], ranges[lo:hi])
             except (KVStoreError, OSError) as exc:
                 # The node is gone or refused (grant expired, slot reassigned): its pages are misses.
                 log.info(
@@ -177,31 +181,30 @@ class TcpTransport(Transport):
                 intact = min(intact, int(op_pages[lo:hi][bad].min()))
         return intact
 
-    def _read_request(
-        self, address: str, grant: bytes, ops: np.ndarray, buf_offsets: np.ndarray, plan: CopyPlan
-    ) -> np.ndarray:
-        """One READ request; returns a mask of its ops whose bytes cannot be trusted."""
-        lengths = ops[:, 2]
-        expected = int(lengths.sum())
+    def _read_request(self, address: str, grant: bytes, ops: np.ndarray, ranges: np.ndarray) -> np.ndarray:
+        """One READ request; returns a mask of its ops whose bytes cannot be trusted.
+
+        The payload lands straight in the caller's buffer and is hashed as it lands.
+        """
+        expected = int(ops[:, 2].sum())
         with self._connections.connection(address) as sock:
             try:
-                tcp_wire.send_buffers(sock, [tcp_wire.encode_request_head(tcp_wire.OP_READ, grant, ops, 0)])
+                sock.sendall(tcp_wire.encode_request_head(tcp_wire.OP_READ, grant, ops, 0))
                 payload_len = tcp_wire.read_response_head(sock)
                 if payload_len != expected:
                     raise KVStoreError(
                         ErrorCode.UNAVAILABLE,
                         f"data server {address} announced {payload_len} bytes, {expected} asked for",
                     )
-                node_hashes = np.frombuffer(tcp_wire.recv_exact(sock, 8 * len(ops)), dtype="<u8")
-                for begin, end in coalesce(buf_offsets, lengths):
-                    tcp_wire.recv_exact_into(sock, plan.buffer[begin:end].data)
-                trailer = tcp_wire.recv_exact(sock, 1)
+                landed = native.recv_ranges(sock, ranges, with_hashes=True)
+                tail = tcp_wire.recv_exact(sock, 8 * len(ops) + 1)
             except OSError as exc:
                 raise _io_error(address, exc) from exc
-        if trailer != b"\x01":
+        assert landed is not None
+        node_hashes = np.frombuffer(tail, dtype="<u8", count=len(ops))
+        if tail[-1:] != b"\x01":
             # A slot was freed or reused while the node sent it: the whole request is suspect.
             return np.ones(len(ops), dtype=bool)
-        landed = native.hash_ranges(_ranges(plan.address, buf_offsets, lengths), threads=self._threads)
         bad = landed != node_hashes
         if bad.any():
             log.warning(

@@ -6,19 +6,24 @@ requests on one connection are sequential.
 
 Request::
 
-    header   <4sBBHIQQ>  magic b"KVT1", op (WRITE=1, READ=2), flags, 0, grant_len, nops, payload_len
+    header   <4sBBHIQQ>  magic b"KVT2", op (WRITE=1, READ=2), flags, 0, grant_len, nops, payload_len
     grant    grant_len bytes: a serialized kvstore.v1.Grant
     ops      nops * <QQQ>  (slot offset, offset within the slot, length)
-    hashes   WRITE only: nops * <Q> xxh3_64 of each range as the client sent it
     payload  WRITE only: the ranges' bytes, back to back, in op order
+    hashes   WRITE only: nops * <Q> xxh3_64 of each range as the client sent it
 
 Response::
 
-    header   <4sBBHIQ>   magic b"KVR1", status (0 ok, 1 error), 0, 0, message_len, payload_len
+    header   <4sBBHIQ>   magic b"KVR2", status (0 ok, 1 error), 0, 0, message_len, payload_len
     message  message_len bytes of UTF-8: "<ERRORCODE>: text" when status is 1
-    hashes   READ only: nops * <Q> xxh3_64 of each range as the node read it
     payload  READ only: the ranges' bytes, back to back, in op order
+    hashes   READ only: nops * <Q> xxh3_64 of each range as the node sent it
     trailer  READ only: <B> 1 if every slot's generation was unchanged after the send, else 0
+
+Hashes follow the payload so that each side hashes the bytes in the same pass
+that sends or receives them (kvstore.native.send_ranges / recv_ranges), while
+they are in cache, instead of walking the whole payload once more before the
+first byte goes out or after the last one lands.
 
 A WRITE is checked against the grant (signature, expiry, rights, slots and
 their generations) before a byte is received into the pool, and the landed
@@ -35,8 +40,8 @@ import numpy as np
 
 from kvstore.errors import ErrorCode, KVStoreError
 
-REQ_MAGIC = b"KVT1"
-RESP_MAGIC = b"KVR1"
+REQ_MAGIC = b"KVT2"
+RESP_MAGIC = b"KVR2"
 OP_WRITE = 1
 OP_READ = 2
 REQUEST_HEADER = struct.Struct("<4sBBHIQQ")

@@ -186,7 +186,7 @@ def _write_request(address: str, grant: pb.Grant, slot: int, payload: bytes) -> 
     head = tcp_wire.encode_request_head(tcp_wire.OP_WRITE, grant.SerializeToString(), ops, len(payload))
     hashes = np.array([xxhash.xxh3_64_intdigest(payload)], dtype="<u8").tobytes()
     with socket.create_connection((host, int(port)), timeout=10) as sock:
-        sock.sendall(head + hashes + payload)
+        sock.sendall(head + payload + hashes)  # the hashes follow the payload
         tcp_wire.read_response_head(sock)
 
 
@@ -287,7 +287,7 @@ def test_checksum_mismatch_is_refused(limited, ns_client, namespace):
     wrong_hash = np.array([xxhash.xxh3_64_intdigest(payload) ^ 1], dtype="<u8").tobytes()
     try:
         with socket.create_connection((host, int(port)), timeout=10) as sock:
-            sock.sendall(head + wrong_hash + payload)
+            sock.sendall(head + payload + wrong_hash)
             err = _raises(ErrorCode.INVALID_ARGUMENT, tcp_wire.read_response_head, sock)
         assert "checksum" in err.message
     finally:

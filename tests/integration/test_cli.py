@@ -167,7 +167,18 @@ def test_unreachable_master_is_a_clear_error():
 def test_bench_quick_smoke(tmp_path):
     out = tmp_path / "bench.json"
     result = kvstore(
-        "bench", "--bytes", "16MiB", "--sizes", "64KiB", "--repeat", "1", "--json", str(out), timeout=180
+        "bench",
+        "--parts",
+        "throughput",
+        "--bytes",
+        "16MiB",
+        "--sizes",
+        "64KiB",
+        "--repeat",
+        "1",
+        "--json",
+        str(out),
+        timeout=180,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     report = json.loads(out.read_text())
@@ -179,6 +190,42 @@ def test_bench_quick_smoke(tmp_path):
         )
     assert report["machine"]["cores"] >= 1 and report["limits"]["memcpy_gbps"] > 0
     assert np.isfinite(report["limits"]["loopback_gbps"])
+
+
+def test_bench_other_parts_smoke(tmp_path):
+    out = tmp_path / "bench.json"
+    parts = "control,memory,latency" + (",redis" if shutil.which("redis-server") else "")
+    result = kvstore(
+        "bench",
+        "--quick",
+        "--parts",
+        parts,
+        "--paths",
+        "shm",
+        "--bytes",
+        "16MiB",
+        "--sizes",
+        "64KiB",
+        "--repeat",
+        "1",
+        "--memory-pages",
+        "5000",
+        "--latency-samples",
+        "50",
+        "--json",
+        str(out),
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads(out.read_text())
+    control = report["control"]
+    assert control["pages"] == 2048 and control["put_layer_first"]["p50_ms"] > 0
+    assert control["match_prefix"]["n"] == control["requests"]
+    assert report["memory"]["pages"] == 5000 and report["memory"]["pages_in_master"] >= 5000
+    assert [r["transport"] for r in report["latency"]] == ["shm"] and report["latency"][0]["get"]["p99_ms"] > 0
+    if "redis" in parts:
+        assert {(r["path"], r["op"]) for r in report["results"]} == {("redis", "put"), ("redis", "get")}
+        assert all(r["bytes_short"] == 0 for r in report["results"])
 
 
 def test_up_refuses_a_port_in_use(shm_dir):

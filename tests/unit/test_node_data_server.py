@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import xxhash
 
-from kvstore import grants
+from kvstore import grants, native
 from kvstore._proto import kvstore_pb2 as pb
 from kvstore.errors import ErrorCode, KVStoreError
-from kvstore.node.data_server import DataServer, open_listener, recv_into_buffers
+from kvstore.node.data_server import DataServer, open_listener
 from kvstore.node.inventory import Inventory
 from kvstore.node.state import NodeState
 from kvstore.tiers.dram import DramPool
@@ -98,7 +98,7 @@ def write(
             hashes.append(xxhash.xxh3_64_intdigest(payload[pos : pos + length]))
             pos += length
     head = tcp_wire.encode_request_head(tcp_wire.OP_WRITE, grant.SerializeToString(), table, len(payload))
-    sock.sendall(head + np.array(hashes, dtype="<u8").tobytes() + payload)
+    sock.sendall(head + payload + np.array(hashes, dtype="<u8").tobytes())
     assert tcp_wire.read_response_head(sock) == 0
 
 
@@ -108,8 +108,8 @@ def read(
     table = np.array(ops, dtype=np.uint64).reshape(-1, 3)
     sock.sendall(tcp_wire.encode_request_head(tcp_wire.OP_READ, grant.SerializeToString(), table, 0))
     payload_len = tcp_wire.read_response_head(sock)
-    hashes = np.frombuffer(tcp_wire.recv_exact(sock, 8 * len(ops)), dtype="<u8").tolist()
     payload = tcp_wire.recv_exact(sock, payload_len)
+    hashes = np.frombuffer(tcp_wire.recv_exact(sock, 8 * len(ops)), dtype="<u8").tolist()
     trailer = tcp_wire.recv_exact(sock, 1)[0]
     return hashes, payload, trailer
 
@@ -310,9 +310,9 @@ def test_payload_length_must_match_the_ranges(node):
     with node.connect() as sock:
         table = np.array([(0, 0, 8)], dtype=np.uint64)
         head = tcp_wire.encode_request_head(tcp_wire.OP_WRITE, node.grant().SerializeToString(), table, 4)
-        sock.sendall(head + b"\0" * 8 + b"abcd")
+        sock.sendall(head + b"abcd" + b"\0" * 8)
         expect_error(ErrorCode.INVALID_ARGUMENT, tcp_wire.read_response_head, sock, match="add up")
-        write(sock, node.grant(), [(0, 0, 4)], b"abcd")  # the 4 payload bytes were drained
+        write(sock, node.grant(), [(0, 0, 4)], b"abcd")  # the 4 payload bytes and the hashes were drained
 
 
 def test_too_large_request_is_refused_and_the_connection_closed(tmp_path):
@@ -346,10 +346,10 @@ def test_client_vanishing_mid_payload_leaves_the_server_serving(node):
     with node.connect() as sock:
         table = np.array([(0, 0, size)], dtype=np.uint64)
         head = tcp_wire.encode_request_head(tcp_wire.OP_WRITE, node.grant().SerializeToString(), table, size)
-        sock.sendall(head + b"\0" * 8 + b"x" * (size // 2))  # half the payload, then gone
+        sock.sendall(head + b"x" * (size // 2))  # half the payload, then gone
     # a client that resets the connection (RST) mid-payload
     sock = node.connect()
-    sock.sendall(head + b"\0" * 8 + b"y" * 100)
+    sock.sendall(head + b"y" * 100)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
     sock.close()
     deadline = time.time() + 5
@@ -424,12 +424,11 @@ def test_stop_ends_idle_connections(tmp_path):
     sock.close()
 
 
-def test_recv_into_buffers_handles_partial_receives():
+def test_native_recv_ranges_handles_partial_receives():
     a, b = socket.socketpair()
     with a, b:
-        bufs = [bytearray(n) for n in (3, 0, 700, 1, 5000)]
-        data = bytes(range(256)) * 23
-        data = data[: sum(len(x) for x in bufs)]
+        bufs = [np.zeros(n, dtype=np.uint8) for n in (3, 0, 700, 1, 5000)]
+        data = (bytes(range(256)) * 23)[: sum(len(x) for x in bufs)]
 
         def sender() -> None:
             for i in range(0, len(data), 97):  # dribble it in small pieces
@@ -437,9 +436,11 @@ def test_recv_into_buffers_handles_partial_receives():
 
         t = threading.Thread(target=sender)
         t.start()
-        recv_into_buffers(b, [memoryview(x) for x in bufs] * 1)
+        ranges = np.array([(native.address_of(x), len(x)) for x in bufs], dtype=np.uint64)
+        hashes = native.recv_ranges(b, ranges, with_hashes=True)
         t.join()
-        assert b"".join(bufs) == data
+        assert b"".join(x.tobytes() for x in bufs) == data
+        assert hashes is not None and hashes.tolist() == [xxhash.xxh3_64_intdigest(x.tobytes()) for x in bufs]
         a.close()
         with pytest.raises(ConnectionError):
-            recv_into_buffers(b, [memoryview(bytearray(10))])
+            native.recv_ranges(b, np.array([(native.address_of(bufs[4]), 10)], dtype=np.uint64))

@@ -188,8 +188,8 @@ def test_node_registers_heartbeats_serves_and_cleans_up(tmp_path):
                 ops = np.array([(slot, 0, slot_bytes)], dtype=np.uint64)
                 sock.sendall(
                     tcp_wire.encode_request_head(tcp_wire.OP_WRITE, grant.SerializeToString(), ops, len(data))
-                    + np.array([xxhash.xxh3_64_intdigest(data)], dtype="<u8").tobytes()
                     + data
+                    + np.array([xxhash.xxh3_64_intdigest(data)], dtype="<u8").tobytes()
                 )
                 assert tcp_wire.read_response_head(sock) == 0
             # a same-host reader maps the pool and finds the bytes at pool_data_offset + slot
