@@ -916,6 +916,25 @@ class Master:
 
     def commit_layer(self, session_id: int, layers: np.ndarray, checksums: np.ndarray) -> tuple[int, bool]:
         """Record committed layers of the session's head range; returns (pages completed, session done)."""
+        completed, done, _ = self._commit_layer(session_id, layers, checksums)
+        return completed, done
+
+    async def commit_layer_durably(
+        self, session_id: int, layers: np.ndarray, checksums: np.ndarray
+    ) -> tuple[int, bool]:
+        """:meth:`commit_layer`, answered once the nodes hold the commit records.
+
+        A new leader rebuilds the index from node inventories: a commit the
+        client saw acknowledged must already be there (invariant 6).
+        """
+        completed, done, nodes = self._commit_layer(session_id, layers, checksums)
+        if nodes:
+            await asyncio.gather(*(self.notifier.flush(node) for node in nodes))
+        return completed, done
+
+    def _commit_layer(
+        self, session_id: int, layers: np.ndarray, checksums: np.ndarray
+    ) -> tuple[int, bool, list[int]]:
         self.check_leading()
         session, ns = self._session(session_id)
         layers = np.asarray(layers, dtype=np.int64)
@@ -935,11 +954,13 @@ class Master:
         table = checksums.reshape(len(layers), session.num_pages) if session.num_pages else None
         live = index.valid(session.rows, session.epochs) & (index.state[session.rows] == PENDING)
         completed = 0
+        touched: list[int] = []
         if live.any() and table is not None:
             pos = np.flatnonzero(live)
             rows = session.rows[pos]
             node_of = index.node[rows]
-            for node in np.unique(node_of).tolist():
+            touched = np.unique(node_of).tolist()
+            for node in touched:
                 sel = node_of == node
                 slots = index.slot[rows[sel]]
                 self.notifier.enqueue_commit(
@@ -958,7 +979,7 @@ class Master:
         done = bool(session.committed.all())
         if done:
             self.sessions.finish(session)
-        return completed, done
+        return completed, done, touched
 
     def abort_put(self, session_id: int) -> int:
         rows = self.sessions.abort(session_id)

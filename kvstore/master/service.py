@@ -130,7 +130,7 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
         master = await self.role.master()
         layers = _packed(request.layers, "<u2", "layers")
         checksums = _packed(request.checksums, "<u8", "checksums")
-        completed, done = master.commit_layer(request.session_id, layers, checksums)
+        completed, done = await master.commit_layer_durably(request.session_id, layers, checksums)
         return pb.CommitLayerResponse(pages_completed=completed, session_done=done)
 
     @grpc_errors
