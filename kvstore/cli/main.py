@@ -4,7 +4,7 @@
     kvstore nodes | stats | namespaces [--json]
     kvstore evict (--namespace NS | --all)
     kvstore config [--remote]
-    kvstore bench [--quick] [--sizes 64KiB,1MiB] [--bytes 1GiB] [--json FILE]
+    kvstore bench [--quick] [--parts throughput,redis,control,memory,latency] [--sizes 64KiB,1MiB] [--json FILE]
 
 The master comes from ``--master`` (before or after the subcommand), else
 ``KVSTORE_MASTER``, else the config file, else 127.0.0.1:50051.
@@ -84,7 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_arguments(
         command(
-            "bench", bench.run, "measure put/get throughput beside the machine's limits", json_output=False
+            "bench",
+            bench.run,
+            "measure the store beside the machine's limits (throughput, Redis, control plane, memory, latency)",
+            json_output=False,
         )
     )
     return parser

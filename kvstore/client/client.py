@@ -315,25 +315,33 @@ class KVStoreClient:
             self._fail_session(key, session, exc)
             raise
         # The commit goes out now that the bytes are in place, through the session's pump (one
-        # CommitLayer in flight, later layers merged into the next).  Only the call that completes
-        # the session's layers waits for the pump (so the pages are complete when it returns);
-        # the others return at once: on this machine a CommitLayer round trip costs about as
-        # much as copying 10 MiB, and its CPU on the master overlaps the next layer's copy.
+        # CommitLayer in flight, later layers merged into the next).  The call that completes the
+        # session's layers sends its commit at once, with whatever is still queued, and waits for
+        # it and the pump (so the pages are complete when it returns); the others return at once:
+        # a CommitLayer round trip (client -> master -> nodes and back) costs as much as copying
+        # 10-20 MiB here, and its CPU on the master overlaps the next layer's copy.
+        own: concurrent.futures.Future[Any] | None = None
         with session.lock:
             error = session.commit_error
             if error is None:
-                session.unsent.append((layer_list, checksums))
                 session.layers_seen.update(layer_list)
-                if not session.pumping:
-                    session.pumping = True
-                    session.pump = self._submit_coroutine(self._commit_pump(session))
+                if len(session.layers_seen) >= layout.num_layers:
+                    queued, session.unsent = [*session.unsent, (layer_list, checksums)], []
+                    own = self._submit("CommitLayer", self._commit_request(session, queued))
+                else:
+                    session.unsent.append((layer_list, checksums))
+                    if not session.pumping:
+                        session.pumping = True
+                        session.pump = self._submit_coroutine(self._commit_pump(session))
             finished = len(session.layers_seen) >= layout.num_layers
             pump = session.pump
         try:
             if error is not None:
                 raise error
-            if finished and pump is not None:
-                self._commit_result(pump)
+            if own is not None:
+                self._commit_result(own)
+                if pump is not None:
+                    self._commit_result(pump)
                 with session.lock:
                     error = session.commit_error
                 if error is not None:
@@ -345,6 +353,17 @@ class KVStoreClient:
             self._sessions.drop(key, session)
         return len(session.new_pages)
 
+    @staticmethod
+    def _commit_request(
+        session: PutSession, queued: list[tuple[list[int], np.ndarray]]
+    ) -> pb.CommitLayerRequest:
+        """One CommitLayer for several put_layer calls: their layers, and checksums in the same order."""
+        return pb.CommitLayerRequest(
+            session_id=session.session_id,
+            layers=np.asarray([layer for layers, _ in queued for layer in layers], dtype="<u2").tobytes(),
+            checksums=np.concatenate([sums for _, sums in queued]).astype("<u8").tobytes(),
+        )
+
     async def _commit_pump(self, session: PutSession) -> None:
         """Send the session's queued commits, merged, one CommitLayer at a time, until none are left."""
         while True:
@@ -353,14 +372,8 @@ class KVStoreClient:
                 if not queued or session.failed or session.commit_error is not None:
                     session.pumping = False  # under the lock: a put_layer from now on starts a new pump
                     return
-            layers = [layer for layer_list, _ in queued for layer in layer_list]
-            request = pb.CommitLayerRequest(
-                session_id=session.session_id,
-                layers=np.asarray(layers, dtype="<u2").tobytes(),
-                checksums=np.concatenate([sums for _, sums in queued]).astype("<u8").tobytes(),
-            )
             try:
-                await self._master.acall("CommitLayer", request)
+                await self._master.acall("CommitLayer", self._commit_request(session, queued))
             except KVStoreError as exc:
                 with session.lock:
                     session.commit_error = exc

@@ -110,7 +110,10 @@ class DataServer:
         self._inventory = inventory
         self._state = state
         self.max_request_bytes = max_request_bytes
+        # Kept for the node's flags: hashing now happens inside each connection's receive or
+        # send (one pass, in cache), on that connection's thread, so there is nothing to split.
         self._hash_threads = max(1, hash_threads)
+        # Connections move bytes by address into the mapping; this view keeps it mapped until stop().
         self._data: memoryview | None = tier.data_view()
         self.stats = DataStats()
         self._stopping = threading.Event()

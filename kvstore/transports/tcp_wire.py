@@ -49,7 +49,6 @@ RESPONSE_HEADER = struct.Struct("<4sBBHIQ")
 OP_ROW = 3  # u64 words per op
 MAX_GRANT_BYTES = 4 << 20
 MAX_OPS = 1 << 22
-IOV_BATCH = 512  # buffers per sendmsg call (below IOV_MAX = 1024)
 
 
 def recv_exact_into(sock: socket.socket, view: memoryview) -> None:
@@ -67,23 +66,6 @@ def recv_exact(sock: socket.socket, n: int) -> bytes:
     buf = bytearray(n)
     recv_exact_into(sock, memoryview(buf))
     return bytes(buf)
-
-
-def send_buffers(sock: socket.socket, buffers: list[memoryview | bytes]) -> None:
-    """Send many buffers with few system calls (sendmsg gathers up to IOV_BATCH at a time)."""
-    pending = [memoryview(b).cast("B") for b in buffers if len(b)]
-    while pending:
-        batch = pending[:IOV_BATCH]
-        sent = sock.sendmsg(batch)
-        # drop fully sent buffers, trim a partially sent one
-        consumed = 0
-        while batch and sent >= len(batch[0]):
-            sent -= len(batch[0])
-            batch.pop(0)
-            consumed += 1
-        pending = pending[consumed:]
-        if sent:
-            pending[0] = pending[0][sent:]
 
 
 def encode_request_head(op: int, grant: bytes, ops: np.ndarray, payload_len: int) -> bytes:

@@ -222,7 +222,9 @@ def test_bench_other_parts_smoke(tmp_path):
     assert control["pages"] == 2048 and control["put_layer_first"]["p50_ms"] > 0
     assert control["match_prefix"]["n"] == control["requests"]
     assert report["memory"]["pages"] == 5000 and report["memory"]["pages_in_master"] >= 5000
-    assert [r["transport"] for r in report["latency"]] == ["shm"] and report["latency"][0]["get"]["p99_ms"] > 0
+    assert [r["transport"] for r in report["latency"]] == ["shm"] and report["latency"][0]["get"][
+        "p99_ms"
+    ] > 0
     if "redis" in parts:
         assert {(r["path"], r["op"]) for r in report["results"]} == {("redis", "put"), ("redis", "get")}
         assert all(r["bytes_short"] == 0 for r in report["results"])
