@@ -179,6 +179,13 @@ SETTINGS: tuple[Setting, ...] = (
         (CLIENT,),
         "how long a control call keeps retrying while the leading master changes before it fails UNAVAILABLE",
     ),
+    Setting(
+        "put_lease_ms",
+        int,
+        0,
+        (CLIENT,),
+        "write lease asked for each put; it must cover the whole prefill (0: the master's write_lease_ms)",
+    ),
     Setting("transport", str, "auto", (CLIENT,), "auto | shm | tcp: force a data path"),
     Setting("copy_threads", int, 2, (CLIENT, NODE), "threads of the native copy engine for large batches"),
     Setting("host_id", str, "", (CLIENT, NODE), "placement host identity (default: machine id + host name)"),

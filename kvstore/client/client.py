@@ -432,6 +432,7 @@ class KVStoreClient:
             tp_size=tp_size,
             client_host=self._host,
             reader_host=reader_host,
+            lease_ms=self.config.put_lease_ms,
         )
         response = self._master.call("OpenPut", request)
         status = np.frombuffer(response.status, dtype=np.uint8)
