@@ -191,6 +191,22 @@ static int get_hashes(PyObject *obj, Py_buffer *view, size_t nops) {
     return 0;
 }
 
+/* The ops buffer and, unless hashes_obj is None, the hashes buffer (*hash_ptr stays NULL without one).
+   On failure nothing is held and a Python error is set. */
+static int get_ops_and_hashes(PyObject *ops_obj, PyObject *hashes_obj, size_t stride, Py_buffer *ops,
+                              Py_buffer *hashes, size_t *nops, uint64_t **hash_ptr) {
+    *hash_ptr = NULL;
+    if (get_ops(ops_obj, ops, stride, nops) != 0) return -1;
+    if (hashes_obj != Py_None) {
+        if (get_hashes(hashes_obj, hashes, *nops) != 0) {
+            PyBuffer_Release(ops);
+            return -1;
+        }
+        *hash_ptr = (uint64_t *)hashes->buf;
+    }
+    return 0;
+}
+
 static PyObject *py_copy(PyObject *self, PyObject *args, PyObject *kwargs) {
     static char *kwlist[] = {"ops", "hashes", "threads", NULL};
     PyObject *ops_obj, *hashes_obj = Py_None;
@@ -198,15 +214,8 @@ static PyObject *py_copy(PyObject *self, PyObject *args, PyObject *kwargs) {
     if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O|Oi", kwlist, &ops_obj, &hashes_obj, &threads)) return NULL;
     Py_buffer ops, hashes;
     size_t nops;
-    if (get_ops(ops_obj, &ops, 3, &nops) != 0) return NULL;
-    uint64_t *hash_ptr = NULL;
-    if (hashes_obj != Py_None) {
-        if (get_hashes(hashes_obj, &hashes, nops) != 0) {
-            PyBuffer_Release(&ops);
-            return NULL;
-        }
-        hash_ptr = (uint64_t *)hashes.buf;
-    }
+    uint64_t *hash_ptr;
+    if (get_ops_and_hashes(ops_obj, hashes_obj, 3, &ops, &hashes, &nops, &hash_ptr) != 0) return NULL;
     Py_BEGIN_ALLOW_THREADS
     run_batch((const uint64_t *)ops.buf, nops, 3, 2, hash_ptr, 1, threads);
     Py_END_ALLOW_THREADS
@@ -383,15 +392,8 @@ static PyObject *py_transfer(PyObject *args, PyObject *kwargs, int sending) {
         return NULL;
     Py_buffer ops, hashes;
     size_t nops;
-    if (get_ops(ops_obj, &ops, 2, &nops) != 0) return NULL;
-    uint64_t *hash_ptr = NULL;
-    if (hashes_obj != Py_None) {
-        if (get_hashes(hashes_obj, &hashes, nops) != 0) {
-            PyBuffer_Release(&ops);
-            return NULL;
-        }
-        hash_ptr = (uint64_t *)hashes.buf;
-    }
+    uint64_t *hash_ptr;
+    if (get_ops_and_hashes(ops_obj, hashes_obj, 2, &ops, &hashes, &nops, &hash_ptr) != 0) return NULL;
     int rc, err = 0;
     uint64_t moved = 0;
     Py_BEGIN_ALLOW_THREADS

@@ -119,13 +119,18 @@ class Master:
         for channel in self._channels.values():
             channel.close()
 
+    def __enter__(self) -> Master:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
 
 # ---------------------------------------------------------------- nodes
 
 
 def cmd_nodes(args: argparse.Namespace, cfg: kvconfig.Config) -> int:
-    master = Master(cfg)
-    try:
+    with Master(cfg) as master:
         reply: pb.ListNodesResponse = master.admin("ListNodes", pb.ListNodesRequest())
         if reply.leader_address and reply.leader_address not in master.addresses:
             master.addresses.append(reply.leader_address)
@@ -137,8 +142,6 @@ def cmd_nodes(args: argparse.Namespace, cfg: kvconfig.Config) -> int:
                 )
         masters = master.roles()
         registered = master.etcd_nodes
-    finally:
-        master.close()
     if args.json:
         data = proto_to_dict(reply)
         data["masters"] = [{"address": a, "role": r, "term": t} for a, r, t in masters]
@@ -196,11 +199,8 @@ def stats_dict(reply: pb.ClusterStatsResponse) -> dict[str, Any]:
 
 
 def cmd_stats(args: argparse.Namespace, cfg: kvconfig.Config) -> int:
-    master = Master(cfg)
-    try:
+    with Master(cfg) as master:
         reply: pb.ClusterStatsResponse = master.admin("ClusterStats", pb.ClusterStatsRequest())
-    finally:
-        master.close()
     if args.json:
         print_json(stats_dict(reply))
         return 0
@@ -250,12 +250,9 @@ def _geometry_text(spec: pb.NamespaceSpec) -> str:
 
 
 def cmd_namespaces(args: argparse.Namespace, cfg: kvconfig.Config) -> int:
-    master = Master(cfg)
-    try:
+    with Master(cfg) as master:
         reply: pb.ListNamespacesResponse = master.kvstore("ListNamespaces", pb.ListNamespacesRequest())
         usage = {ns.name: ns for ns in master.admin("ClusterStats", pb.ClusterStatsRequest()).namespaces}
-    finally:
-        master.close()
     specs = sorted(reply.specs, key=lambda s: s.name)
     if args.json:
         items = []
@@ -299,12 +296,9 @@ def cmd_namespaces(args: argparse.Namespace, cfg: kvconfig.Config) -> int:
 
 
 def cmd_evict(args: argparse.Namespace, cfg: kvconfig.Config) -> int:
-    master = Master(cfg)
-    try:
+    with Master(cfg) as master:
         request = pb.EvictRequest(namespace=args.namespace or "", all=bool(args.all))
         reply: pb.EvictResponse = master.admin("Evict", request)
-    finally:
-        master.close()
     if args.json:
         print_json(proto_to_dict(reply))
         return 0
@@ -331,11 +325,8 @@ def cmd_config(args: argparse.Namespace, cfg: kvconfig.Config) -> int:
             print("# effective settings (defaults < config file < KVSTORE_* environment < flags)")
             print(text, end="")
         return 0
-    master = Master(cfg)
-    try:
+    with Master(cfg) as master:
         reply: pb.GetConfigResponse = master.admin("GetConfig", pb.GetConfigRequest())
-    finally:
-        master.close()
     if args.json:
         print_json({"source": "master", "toml": reply.toml})
     else:

@@ -9,13 +9,33 @@ own loop thread.  Same arguments and results as the sync client.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+import inspect
+from collections.abc import Callable, Coroutine
 from types import TracebackType
-from typing import Any
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
-from kvstore.client.client import KVStoreClient, LeaseRef
-from kvstore.client.types import Lease, PrefixHit
-from kvstore.layout import Layout
+from kvstore.client.client import KVStoreClient
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _in_thread(
+    method: Callable[Concatenate[KVStoreClient, _P], _R],
+) -> Callable[Concatenate[AsyncKVStoreClient, _P], Coroutine[Any, Any, _R]]:
+    """The async twin of a sync client method: same arguments, docstring and result, run in a worker thread."""
+    name = method.__name__
+
+    async def run_in_thread(self: AsyncKVStoreClient, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        # Looked up on the instance at call time, exactly as a hand-written wrapper would.
+        bound: Callable[_P, _R] = getattr(self.sync, name)
+        return await asyncio.to_thread(bound, *args, **kwargs)
+
+    run_in_thread.__name__ = name
+    run_in_thread.__qualname__ = f"AsyncKVStoreClient.{name}"
+    run_in_thread.__doc__ = method.__doc__
+    run_in_thread.__signature__ = inspect.signature(method)  # type: ignore[attr-defined]
+    return run_in_thread
 
 
 class AsyncKVStoreClient:
@@ -30,100 +50,15 @@ class AsyncKVStoreClient:
     ) -> None:
         await self.close()
 
-    async def close(self) -> None:
-        await asyncio.to_thread(self.sync.close)
-
-    async def create_namespace(
-        self,
-        page_size: int,
-        num_layers: int,
-        segment_bytes: int = 0,
-        fingerprint: bytes = b"",
-        **geometry: Any,
-    ) -> Layout:
-        return await asyncio.to_thread(
-            self.sync.create_namespace, page_size, num_layers, segment_bytes, fingerprint, **geometry
-        )
-
-    async def delete_namespace(self) -> int:
-        return await asyncio.to_thread(self.sync.delete_namespace)
-
-    async def put_layer(
-        self,
-        tokens: Any,
-        layer: int,
-        kv: Any,
-        tp_rank: int = 0,
-        tp_size: int = 1,
-        *,
-        contexts: Sequence[bytes] | None = None,
-        reader_host: str = "",
-    ) -> int:
-        return await asyncio.to_thread(
-            self.sync.put_layer,
-            tokens,
-            layer,
-            kv,
-            tp_rank,
-            tp_size,
-            contexts=contexts,
-            reader_host=reader_host,
-        )
-
-    async def put_layers(
-        self,
-        tokens: Any,
-        layers: Sequence[int],
-        kv: Any,
-        tp_rank: int = 0,
-        tp_size: int = 1,
-        *,
-        contexts: Sequence[bytes] | None = None,
-        reader_host: str = "",
-    ) -> int:
-        return await asyncio.to_thread(
-            self.sync.put_layers,
-            tokens,
-            layers,
-            kv,
-            tp_rank,
-            tp_size,
-            contexts=contexts,
-            reader_host=reader_host,
-        )
-
-    async def abort(
-        self, tokens: Any, tp_rank: int = 0, tp_size: int = 1, *, contexts: Sequence[bytes] | None = None
-    ) -> int:
-        return await asyncio.to_thread(self.sync.abort, tokens, tp_rank, tp_size, contexts=contexts)
-
-    async def get_prefix(
-        self,
-        tokens: Any,
-        layers: Sequence[int] | None = None,
-        heads: tuple[int, int] | None = None,
-        out: Any = None,
-        *,
-        lease: LeaseRef | None = None,
-        contexts: Sequence[bytes] | None = None,
-    ) -> PrefixHit:
-        return await asyncio.to_thread(
-            self.sync.get_prefix, tokens, layers, heads, out, lease=lease, contexts=contexts
-        )
-
-    async def match_prefix(self, tokens: Any, *, contexts: Sequence[bytes] | None = None) -> int:
-        return await asyncio.to_thread(self.sync.match_prefix, tokens, contexts=contexts)
-
-    async def acquire_prefix(
-        self, tokens: Any, *, lease_ms: int = 0, contexts: Sequence[bytes] | None = None
-    ) -> Lease:
-        return await asyncio.to_thread(self.sync.acquire_prefix, tokens, lease_ms=lease_ms, contexts=contexts)
-
-    async def release(self, lease: LeaseRef) -> bool:
-        return await asyncio.to_thread(self.sync.release, lease)
-
-    async def put_extra(self, tokens: Any, name: str, data: Any) -> None:
-        await asyncio.to_thread(self.sync.put_extra, tokens, name, data)
-
-    async def get_extra(self, tokens: Any, name: str) -> bytes | None:
-        return await asyncio.to_thread(self.sync.get_extra, tokens, name)
+    close = _in_thread(KVStoreClient.close)
+    create_namespace = _in_thread(KVStoreClient.create_namespace)
+    delete_namespace = _in_thread(KVStoreClient.delete_namespace)
+    put_layer = _in_thread(KVStoreClient.put_layer)
+    put_layers = _in_thread(KVStoreClient.put_layers)
+    abort = _in_thread(KVStoreClient.abort)
+    get_prefix = _in_thread(KVStoreClient.get_prefix)
+    match_prefix = _in_thread(KVStoreClient.match_prefix)
+    acquire_prefix = _in_thread(KVStoreClient.acquire_prefix)
+    release = _in_thread(KVStoreClient.release)
+    put_extra = _in_thread(KVStoreClient.put_extra)
+    get_extra = _in_thread(KVStoreClient.get_extra)

@@ -233,6 +233,26 @@ class KVStoreClient:
             digest = xxhash.xxh3_128(digest + b"".join(_U32.pack(len(c)) + c for c in contexts)).digest()
         return digest, tp_rank, tp_size
 
+    def _full_pages(self, tokens: Any) -> tuple[np.ndarray, Layout, int]:
+        """The open-client check every public call makes, then (token array, layout, number of full pages)."""
+        self._check_open()
+        arr = keys.as_token_array(tokens)
+        layout = self.layout
+        return arr, layout, arr.size // layout.page_size
+
+    def _put_session_key(
+        self,
+        arr: np.ndarray,
+        num_pages: int,
+        contexts: Sequence[bytes] | None,
+        tp_rank: int,
+        tp_size: int,
+    ) -> tuple[np.ndarray, list[bytes] | None, SessionKey]:
+        """(keyed tokens, their page contexts, put session key): what put_layers and abort agree on."""
+        keyed = arr[: num_pages * self.layout.page_size]
+        page_contexts = list(contexts[:num_pages]) if contexts is not None else None
+        return keyed, page_contexts, self._session_key(keyed, page_contexts, tp_rank, tp_size)
+
     # ------------------------------------------------------------ put
     def put_layer(
         self,
@@ -271,14 +291,11 @@ class KVStoreClient:
         reader_host: str = "",
     ) -> int:
         """:meth:`put_layer` for several layers at once: ``kv`` is ``[len(layers), num_full_pages, shard_bytes]``."""
-        self._check_open()
-        arr = keys.as_token_array(tokens)
-        layout = self.layout
+        arr, layout, num_pages = self._full_pages(tokens)
         layer_list = layout.check_layers(list(layers))
         if len(set(layer_list)) != len(layer_list):
             raise KVStoreError(ErrorCode.BAD_RANGE, f"layers repeat: {layer_list}")
         heads = layout.head_range(tp_rank, tp_size)
-        num_pages = arr.size // layout.page_size
         shard = layout.shard_bytes(heads)
         source = byte_view(kv, "kv")
         check_size(
@@ -294,9 +311,7 @@ class KVStoreClient:
             )
         if num_pages == 0:
             return 0
-        keyed = arr[: num_pages * layout.page_size]
-        page_contexts = list(contexts[:num_pages]) if contexts is not None else None
-        key = self._session_key(keyed, page_contexts, tp_rank, tp_size)
+        keyed, page_contexts, key = self._put_session_key(arr, num_pages, contexts, tp_rank, tp_size)
         session = self._sessions.get_or_open(
             key, lambda: self._open_put(keyed, num_pages, page_contexts, tp_rank, tp_size, heads, reader_host)
         )
@@ -479,16 +494,11 @@ class KVStoreClient:
         self, tokens: Any, tp_rank: int = 0, tp_size: int = 1, *, contexts: Sequence[bytes] | None = None
     ) -> int:
         """Give up the open put of ``tokens`` (this tp rank): its unfinished pages are freed.  Returns pages freed."""
-        self._check_open()
-        arr = keys.as_token_array(tokens)
-        layout = self.layout
-        num_pages = arr.size // layout.page_size
+        arr, _, num_pages = self._full_pages(tokens)
         if num_pages == 0:
             return 0
-        page_contexts = list(contexts[:num_pages]) if contexts is not None else None
-        session = self._sessions.drop(
-            self._session_key(arr[: num_pages * layout.page_size], page_contexts, tp_rank, tp_size)
-        )
+        _, _, key = self._put_session_key(arr, num_pages, contexts, tp_rank, tp_size)
+        session = self._sessions.drop(key)
         if session is None or not session.has_work:
             return 0
         with session.lock:
@@ -512,10 +522,7 @@ class KVStoreClient:
     # ------------------------------------------------------------ get
     def match_prefix(self, tokens: Any, *, contexts: Sequence[bytes] | None = None) -> int:
         """How many leading tokens are stored (whole pages); moves no data and takes no lease."""
-        self._check_open()
-        arr = keys.as_token_array(tokens)
-        layout = self.layout
-        num_pages = arr.size // layout.page_size
+        arr, layout, num_pages = self._full_pages(tokens)
         if num_pages == 0:
             return 0
         response = self._master.call(
@@ -528,10 +535,7 @@ class KVStoreClient:
         self, tokens: Any, *, lease_ms: int = 0, contexts: Sequence[bytes] | None = None
     ) -> Lease:
         """Match and lease the stored prefix in one call; the lease id works from any process."""
-        self._check_open()
-        arr = keys.as_token_array(tokens)
-        layout = self.layout
-        num_pages = arr.size // layout.page_size
+        arr, layout, num_pages = self._full_pages(tokens)
         if num_pages == 0:
             return Lease("", 0, 0, 0)
         response = self._acquire(self._page_keys(arr, num_pages, contexts), lease_ms)
@@ -584,12 +588,9 @@ class KVStoreClient:
         otherwise a lease is taken and released around the read.  A page that
         vanished or changed during the read ends the hit there.
         """
-        self._check_open()
-        arr = keys.as_token_array(tokens)
-        layout = self.layout
+        arr, layout, num_pages = self._full_pages(tokens)
         layer_list = layout.check_layers(None if layers is None else list(layers))
         head_range = layout.check_heads(heads)
-        num_pages = arr.size // layout.page_size
         shard = layout.shard_bytes(head_range)
         total = len(layer_list) * num_pages * shard
         if out is None:
