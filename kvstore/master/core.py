@@ -50,6 +50,8 @@ FINAL_FLUSH_TIMEOUT_S = 2.0  # a stopping leader's last slot updates to its node
 EVICT_BATCH = 1024  # victims per eviction pass
 EVICT_PASSES_ON_DEMAND = 4
 EVICT_PASSES_PER_TICK = 2
+LEASE_HORIZON_KEY = "lease_horizon"  # unix ms; see Master._cover_lease
+HORIZON_SLACK_S = 1.0  # wall clocks of two masters may differ by this much
 ADMIN_FREE_CHUNK = 65_536  # rows freed between yields to the event loop
 
 Clock = Callable[[], float]
@@ -126,6 +128,11 @@ class Master:
         self.hits = 0
         self.lookups = 0
         self.led_since = 0.0  # when this master's leadership began (clock())
+        # Leases granted by any leader of this cluster end before this (unix seconds, in the
+        # metadata store): a successor keeps its hands off adopted pages until then.
+        self._lease_horizon = 0.0
+        self._inherited_until = 0.0  # clock() time until which the predecessor's leases may live
+        self._horizon_lock = asyncio.Lock()
         # (namespace id, parent key) -> [(row, epoch)] of adopted pages whose parent is not known yet
         self._awaiting_parent: dict[tuple[int, bytes], list[tuple[int, int]]] = {}
         self._side_tasks: set[asyncio.Task[None]] = set()  # registrations learnt from the node watch
@@ -145,6 +152,27 @@ class Master:
             else max(self.cfg.read_lease_ms, self.cfg.write_lease_ms)
         )
         return ms / 1000.0
+
+    async def _cover_lease(self, expires: float) -> None:
+        """Record, before granting it, a lease longer than a successor's default warm-up.
+
+        A new leader keeps its hands off adopted pages for ``warmup_s`` (which
+        covers every lease of the default lengths) or until the recorded
+        horizon, whichever is later.  Only leases a client asked to be longer
+        cost a fenced metadata write, and only when they end past the horizon.
+        """
+        if expires - self.clock() <= self.warmup_s:
+            return
+        end = time.time() + (expires - self.clock()) + HORIZON_SLACK_S
+        if end <= self._lease_horizon:
+            return
+        async with self._horizon_lock:
+            if end <= self._lease_horizon:
+                return
+            await self.metadata.put_if_leader(
+                LEASE_HORIZON_KEY, str(int(end * 1000)).encode(), self.leadership
+            )
+            self._lease_horizon = end
 
     def leading(self) -> bool:
         """Still the leader (local check, no I/O: False once the lease can no longer be proven)."""
@@ -180,6 +208,9 @@ class Master:
         for raw in (await self.metadata.list_namespaces()).values():
             spec = pb.NamespaceSpec.FromString(raw)
             self._register_namespace(spec, Layout.from_spec(spec))
+        horizon = await self.metadata.get_value(LEASE_HORIZON_KEY)
+        self._lease_horizon = int(horizon) / 1000.0 if horizon else 0.0
+        self._inherited_until = self.led_since + max(0.0, self._lease_horizon - time.time())
         if background:
             self.notifier.start()
             self._tasks.append(
@@ -387,7 +418,7 @@ class Master:
             # previous leader, or its own from before the node lapsed (its allocator, quarantines
             # included, went with it).  No allocation, no eviction here until they have run out.
             if self.term > 1:
-                record.warm_until = self.led_since + self.warmup_s
+                record.warm_until = max(self.led_since + self.warmup_s, self._inherited_until)
             if comeback:
                 record.warm_until = max(record.warm_until, self.clock() + self.warmup_s)
         if not len(table):
@@ -783,6 +814,7 @@ class Master:
     ) -> pb.OpenPutResponse:
         ns = await self.namespace(namespace)
         self.check_leading()
+        await self._cover_lease(self.clock() + self._lease_s(lease_ms, self.cfg.write_lease_ms))
         layout = ns.layout
         heads = layout.head_range(tp_rank, tp_size)
         count = len(packed_keys) // KEY
@@ -1003,13 +1035,15 @@ class Master:
     ) -> pb.AcquirePrefixResponse:
         ns = await self.namespace(namespace)
         self.check_leading()
+        # Cover the lease before matching: nothing may run between the match and the lease.
+        expires = self.clock() + self._lease_s(lease_ms, self.cfg.read_lease_ms)
+        await self._cover_lease(expires)
         rows, matched = self._match(ns, packed_keys)
         self._count_lookups(rows, matched)
         if matched == 0:
             return pb.AcquirePrefixResponse(
                 num_pages=0, placements=pb.Placements(slot_bytes=ns.layout.slot_bytes)
             )
-        expires = self.clock() + self._lease_s(lease_ms, self.cfg.read_lease_ms)
         lease = self.leases.create(ns.ns_id, ns.name, rows[:matched], packed_keys[: matched * KEY], expires)
         return self._lease_response(lease, ns.layout.slot_bytes)
 

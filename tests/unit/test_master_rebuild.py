@@ -287,3 +287,38 @@ def test_allocator_adopts_slots_and_keeps_allocating_around_them() -> None:
     offsets, _ = allocator.allocate(SLOT, 4)
     assert sorted(offsets.tolist()) == [SLOT, 2 * SLOT, 4 * SLOT, 5 * SLOT]  # around the adopted ones
     assert allocator.allocated_bytes == 6 * SLOT
+
+
+def test_a_lease_longer_than_the_warm_up_is_recorded_and_waited_out_by_the_successor() -> None:
+    cfg = config.load({"arena_bytes": 1 * MiB, "write_lease_ms": 2000, "read_lease_ms": 1000}, environ={})
+    backend = EmbeddedBackend()
+    run(backend.put_namespace_if_absent("ns", spec().SerializeToString()))
+    clock = Clock()
+
+    async def send(node: int, msg: pb.SlotUpdates) -> None:
+        return None
+
+    old = Master(cfg, backend, clock=clock, sender=send)
+    run(old.start("old:1", background=False))
+    # a default-length lease is covered by the successor's warm-up: nothing is written
+    run(old._cover_lease(clock() + 1.0))
+    assert run(backend.get_value("lease_horizon")) is None
+    # a 60 s lease (a client may ask for up to max_lease_ms) is recorded before it is granted
+    run(old._cover_lease(clock() + 60.0))
+    recorded = run(backend.get_value("lease_horizon"))
+    assert recorded is not None
+    run(backend.resign())
+
+    used = FakeNode()
+    used.holds(0, 7, page_keys(1)[0], ZERO, FULL)
+    new = Master(cfg, backend, clock=clock, sender=send)
+
+    async def inventory(record: Any) -> pb.InventoryResponse:
+        return used.response()
+
+    new.nodes.inventory = inventory  # type: ignore[method-assign]
+    run(new.start("new:1", background=False))
+    assert new.term == 2
+    register(new, "used")
+    warm_for = new.nodes.by_id["used"].warm_until - clock()
+    assert 59.0 <= warm_for <= 62.0, warm_for  # the old lease, not just the 2 s default
