@@ -5,6 +5,9 @@
 temporary data directory and fast election settings (ready in ~0.1 s), and can
 stop it gently, kill it with SIGKILL, pause it (SIGSTOP, a partition as seen by
 clients) and start it again on the same data directory and ports.
+:class:`EtcdCluster` runs several such members as one etcd cluster (each an
+:class:`EtcdServer` with its own ports and data directory), to kill one member
+while the others keep a quorum.
 
 This module is for tests and local tools; production runs a real etcd cluster.
 Its methods block (subprocess, HTTP polling); call them from a thread when an
@@ -24,8 +27,10 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +78,10 @@ class EtcdServer:
         election_ms: int = 50,
         ready_timeout_s: float = 15.0,
         extra_args: tuple[str, ...] = (),
+        name: str = "kvstore-test",
     ) -> None:
         self.binary = binary or find_etcd()
+        self.name = name
         self._own_dir = data_dir is None
         self.base_dir = Path(data_dir or tempfile.mkdtemp(prefix="kvstore-etcd-"))
         self.host = host
@@ -84,6 +91,8 @@ class EtcdServer:
         self.extra_args = tuple(extra_args)
         self.client_port = 0
         self.peer_port = 0
+        # ``--initial-cluster`` (name=peer URL, ...); empty: a cluster of this member alone.
+        self.initial_cluster = ""
         self._proc: subprocess.Popen[bytes] | None = None
 
     # -- addresses
@@ -95,6 +104,10 @@ class EtcdServer:
     @property
     def client_url(self) -> str:
         return f"http://{self.host}:{self.client_port}"
+
+    @property
+    def peer_url(self) -> str:
+        return f"http://{self.host}:{self.peer_port}"
 
     @property
     def data_dir(self) -> Path:
@@ -113,16 +126,15 @@ class EtcdServer:
 
     # -- life cycle
     def _command(self) -> list[str]:
-        peer_url = f"http://{self.host}:{self.peer_port}"
         return [
             self.binary,
-            "--name", "kvstore-test",
+            "--name", self.name,
             "--data-dir", str(self.data_dir),
             "--listen-client-urls", self.client_url,
             "--advertise-client-urls", self.client_url,
-            "--listen-peer-urls", peer_url,
-            "--initial-advertise-peer-urls", peer_url,
-            "--initial-cluster", f"kvstore-test={peer_url}",
+            "--listen-peer-urls", self.peer_url,
+            "--initial-advertise-peer-urls", self.peer_url,
+            "--initial-cluster", self.initial_cluster or f"{self.name}={self.peer_url}",
             "--initial-cluster-state", "new",
             "--heartbeat-interval", str(self.heartbeat_ms),
             "--election-timeout", str(self.election_ms),
@@ -134,13 +146,26 @@ class EtcdServer:
 
     def start(self) -> EtcdServer:
         """Start etcd (same ports and data after a stop) and wait until it serves requests."""
-        if self.running():
-            return self
-        if not self.client_port:
+        self.launch()
+        self.wait_ready()
+        return self
+
+    def pick_ports(self, taken: Sequence[int] = ()) -> None:
+        """Choose free client and peer ports (once; kept across restarts), avoiding ``taken``."""
+        if self.client_port:
+            return
+        avoid = set(taken)
+        while not self.client_port or self.client_port in avoid:
             self.client_port = _free_port(self.host)
+        avoid.add(self.client_port)
+        while not self.peer_port or self.peer_port in avoid:
             self.peer_port = _free_port(self.host)
-            while self.peer_port == self.client_port:
-                self.peer_port = _free_port(self.host)
+
+    def launch(self) -> None:
+        """Start the process without waiting: a cluster member is ready only once a quorum runs."""
+        if self.running():
+            return
+        self.pick_ports()
         self.base_dir.mkdir(parents=True, exist_ok=True)
         log_fh = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child, closed on stop
         try:
@@ -153,8 +178,6 @@ class EtcdServer:
             )
         finally:
             log_fh.close()
-        self.wait_ready()
-        return self
 
     def wait_ready(self, timeout_s: float | None = None) -> None:
         """Poll ``/health`` until etcd has a leader and answers; raise with its log tail otherwise."""
@@ -274,3 +297,99 @@ class EtcdServer:
     def __repr__(self) -> str:
         state = "running" if self.running() else "stopped"
         return f"EtcdServer({self.endpoint or 'unstarted'}, {state}, data={self.data_dir})"
+
+
+class EtcdCluster:
+    """``size`` etcd members on 127.0.0.1 forming one cluster, each an :class:`EtcdServer`.
+
+    ``endpoints`` (also ``endpoint``, the value of ``--etcd``) lists every member's
+    client address.  ``kill(i)``/``stop(i)``/``pause(i)`` act on member ``i`` (on all
+    members without an index); ``start(i)``/``restart(i)`` bring one back on its old
+    ports and data directory, where it rejoins the others.
+    """
+
+    def __init__(
+        self, size: int = 3, binary: str | None = None, data_dir: str | None = None, **member_args: Any
+    ) -> None:
+        if size < 1:
+            raise ValueError(f"an etcd cluster needs at least one member, got {size}")
+        self._own_dir = data_dir is None
+        self.base_dir = Path(data_dir or tempfile.mkdtemp(prefix="kvstore-etcd-cluster-"))
+        binary = binary or find_etcd()
+        self.members = [
+            EtcdServer(binary, str(self.base_dir / f"member{i}"), name=f"member{i}", **member_args)
+            for i in range(size)
+        ]
+        taken: list[int] = []
+        for member in self.members:
+            member.pick_ports(taken)
+            taken += [member.client_port, member.peer_port]
+        initial = ",".join(f"{m.name}={m.peer_url}" for m in self.members)
+        for member in self.members:
+            member.initial_cluster = initial
+
+    @property
+    def endpoints(self) -> str:
+        """Every member's ``HOST:PORT``, comma separated."""
+        return ",".join(m.endpoint for m in self.members)
+
+    endpoint = endpoints  # the same interface as EtcdServer: the value of ``--etcd``
+
+    def _chosen(self, index: int | None) -> list[EtcdServer]:
+        return self.members if index is None else [self.members[index]]
+
+    def running(self, index: int | None = None) -> bool:
+        return all(m.running() for m in self._chosen(index))
+
+    def start(self, index: int | None = None) -> EtcdCluster:
+        """Start the chosen members (all by default) together, then wait until each serves."""
+        chosen = self._chosen(index)
+        for member in chosen:
+            member.launch()
+        for member in chosen:
+            member.wait_ready()
+        return self
+
+    def stop(self, index: int | None = None) -> None:
+        for member in self._chosen(index):
+            member.stop()
+
+    def kill(self, index: int | None = None) -> None:
+        for member in self._chosen(index):
+            member.kill()
+
+    def pause(self, index: int | None = None) -> None:
+        for member in self._chosen(index):
+            member.pause()
+
+    def resume(self, index: int | None = None) -> None:
+        for member in self._chosen(index):
+            member.resume()
+
+    def restart(self, index: int | None = None, kill: bool = False) -> EtcdCluster:
+        for member in self._chosen(index):
+            if kill:
+                member.kill()
+            else:
+                member.stop()
+        return self.start(index)
+
+    def cleanup(self) -> None:
+        for member in self.members:
+            member.cleanup()
+        if self._own_dir:
+            shutil.rmtree(self.base_dir, ignore_errors=True)
+
+    def log_tail(self, max_bytes: int = 4000) -> str:
+        return "\n".join(f"-- {m.name} ({m.log_path})\n{m.log_tail(max_bytes)}" for m in self.members)
+
+    def __enter__(self) -> EtcdCluster:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.cleanup()
+
+    def __repr__(self) -> str:
+        return f"EtcdCluster({self.members!r})"

@@ -5,7 +5,9 @@ waits for each one's readiness line on stdout (with a deadline), and stops them
 with SIGTERM (SIGKILL after a deadline).  ``Cluster(etcd=True, masters=3)`` also
 starts a throw-away etcd (:class:`kvstore.etcd_server.EtcdServer`) and three
 masters on it (one leads, the others stand by), with helpers to kill, stop,
-pause (SIGSTOP) and resume masters and etcd, and to find the leader.  After a stop, no pool file of its
+pause (SIGSTOP) and resume masters and etcd, and to find the leader.  ``etcd_members=3``
+makes that etcd a 3-member cluster (:class:`kvstore.etcd_server.EtcdCluster`); masters
+and nodes get all its endpoints (``etcd_endpoint``, also for clients that use ``--etcd``).  After a stop, no pool file of its
 nodes may be left in the shared-memory directory: a node that exited on
 SIGTERM and left one has leaked it, which :meth:`Cluster.stop` reports.
 
@@ -48,7 +50,7 @@ from kvstore import config as kvconfig
 from kvstore._proto import kvstore_pb2 as pb
 from kvstore._proto import kvstore_pb2_grpc as pb_grpc
 from kvstore.errors import ErrorCode, KVStoreError, from_rpc_error
-from kvstore.etcd_server import EtcdServer
+from kvstore.etcd_server import EtcdCluster, EtcdServer
 from kvstore.tiers.dram import POOL_PREFIX
 
 MASTER_READY = re.compile(r"kvstore-master listening on (\S+)")
@@ -268,7 +270,8 @@ class Cluster:
         grant_secret: str | None = None,
         node_ids: Sequence[str] | None = None,
         masters: int = 1,
-        etcd: bool | EtcdServer = False,
+        etcd: bool | EtcdServer | EtcdCluster = False,
+        etcd_members: int = 1,
         cluster_name: str | None = None,
         startup_timeout: float = 30.0,
         stop_timeout: float = 10.0,
@@ -313,8 +316,13 @@ class Cluster:
         if len(ids) != nodes:
             raise ValueError(f"{len(ids)} node ids for {nodes} nodes")
         self.nodes = [NodeHandle(i, _safe_name(node_id)) for i, node_id in enumerate(ids)]
-        self.etcd: EtcdServer | None = etcd if isinstance(etcd, EtcdServer) else None
+        self.etcd: EtcdServer | EtcdCluster | None = (
+            etcd if isinstance(etcd, EtcdServer | EtcdCluster) else None
+        )
         self._owns_etcd = etcd is True
+        if etcd_members < 1 or (etcd_members > 1 and not self._owns_etcd):
+            raise ValueError("etcd_members > 1 needs etcd=True (the cluster starts its own etcd members)")
+        self.etcd_members = etcd_members
         self.cluster_name = cluster_name or f"test-{secrets.token_hex(4)}"
         self.master_count = masters
         self.masters: list[ManagedProcess | None] = [None] * masters
@@ -348,6 +356,7 @@ class Cluster:
 
     @property
     def etcd_endpoint(self) -> str:
+        """The value of ``--etcd``: every member's address, comma separated."""
         return self.etcd.endpoint if self.etcd is not None else ""
 
     def start(self) -> Cluster:
@@ -356,7 +365,11 @@ class Cluster:
         self._started = True
         try:
             if self._owns_etcd:
-                self.etcd = EtcdServer(data_dir=os.path.join(self.log_dir, "etcd")).start()
+                etcd_dir = os.path.join(self.log_dir, "etcd")
+                if self.etcd_members > 1:
+                    self.etcd = EtcdCluster(self.etcd_members, data_dir=etcd_dir).start()
+                else:
+                    self.etcd = EtcdServer(data_dir=etcd_dir).start()
             for i in range(self.master_count):
                 self._start_master(i)
             if self.etcd is not None:
@@ -386,7 +399,7 @@ class Cluster:
             *self._master_flags,
         ]
         if self.etcd is not None:
-            argv += ["--etcd", self.etcd.endpoint, "--cluster", self.cluster_name]
+            argv += ["--etcd", self.etcd_endpoint, "--cluster", self.cluster_name]
         name = "master" if self.master_count == 1 else f"master{i}"
         generation = sum(1 for p in self._master_history if p.name.startswith(name + "#") or p.name == name)
         label = name if generation == 0 else f"{name}#{generation}"
@@ -417,7 +430,7 @@ class Cluster:
             *self._node_flags,
         ]
         if self.etcd is not None:
-            argv += ["--etcd", self.etcd.endpoint, "--cluster", self.cluster_name]
+            argv += ["--etcd", self.etcd_endpoint, "--cluster", self.cluster_name]
         generation = len(node.history)
         log = os.path.join(self.log_dir, f"{node.node_id}.{generation}.log")
         process = ManagedProcess(f"{node.node_id}#{generation}", argv, NODE_READY, log, self._env)
@@ -602,10 +615,19 @@ class Cluster:
         return found_index - 1
 
     # ------------------------------------------------------------ etcd control
-    def _etcd_server(self) -> EtcdServer:
+    def _etcd_server(self) -> EtcdServer | EtcdCluster:
         if self.etcd is None:
             raise ClusterError("this cluster runs without etcd")
         return self.etcd
+
+    def etcd_member(self, index: int) -> EtcdServer:
+        """Member ``index`` of the cluster's etcd (``kill()``, ``start()``, ``pause()`` it alone)."""
+        etcd = self._etcd_server()
+        if isinstance(etcd, EtcdCluster):
+            return etcd.members[index]
+        if index != 0:
+            raise ClusterError(f"this cluster's etcd has one member, not {index + 1}")
+        return etcd
 
     def kill_etcd(self) -> None:
         """SIGKILL etcd (its data directory keeps what it had synced)."""
@@ -708,7 +730,7 @@ class Cluster:
     def log_tail(self, lines: int = 80) -> str:
         tails = [p.log_tail(lines) for p in self.processes()]
         if self.etcd is not None:
-            tails.append(f"---- etcd ({self.etcd.log_path}) ----\n{self.etcd.log_tail()}")
+            tails.append(f"---- {self.etcd!r} ----\n{self.etcd.log_tail()}")
         return "\n".join(tails)
 
 

@@ -222,9 +222,10 @@ class EtcdBackend(MetadataBackend):
     def _endpoint_failed(self, client: Any) -> None:
         """Move to the next endpoint (only meaningful with several)."""
         if len(self._endpoints) > 1 and client is self._client_obj:
+            failed = self.endpoint
             self._client_obj = None
             self._endpoint_index = (self._endpoint_index + 1) % len(self._endpoints)
-            log.warning("etcd unreachable; switching to endpoint %s", self.endpoint)
+            log.warning("etcd at %s unreachable; switching to endpoint %s", failed, self.endpoint)
             self._spawn(self._close_quietly(client))
 
     async def _close_quietly(self, client: Any) -> None:
@@ -240,13 +241,14 @@ class EtcdBackend(MetadataBackend):
     ) -> T:
         """Run ``op(client)`` under a deadline; unreachable/failed etcd -> KVStoreError(UNAVAILABLE)."""
         client = self._client()
+        endpoint = self.endpoint  # the one this call uses: a failure below moves self.endpoint on
         try:
             return await asyncio.wait_for(op(client), timeout_s if timeout_s is not None else self._timeout_s)
         except passthrough:
             raise
         except TimeoutError as exc:
             self._endpoint_failed(client)
-            raise KVStoreError(ErrorCode.UNAVAILABLE, f"etcd at {self.endpoint}: {what} timed out") from exc
+            raise KVStoreError(ErrorCode.UNAVAILABLE, f"etcd at {endpoint}: {what} timed out") from exc
         except aetcd.InvalidArgumentError as exc:
             raise KVStoreError(ErrorCode.INTERNAL, f"etcd rejected {what}: {exc}") from exc
         except (aetcd.ClientError, grpc.RpcError, OSError) as exc:
@@ -256,9 +258,7 @@ class EtcdBackend(MetadataBackend):
                 exc, aetcd.ConnectionFailedError | aetcd.ConnectionTimeoutError | grpc.RpcError | OSError
             ):
                 self._endpoint_failed(client)
-            raise KVStoreError(
-                ErrorCode.UNAVAILABLE, f"etcd at {self.endpoint}: {what} failed: {exc}"
-            ) from exc
+            raise KVStoreError(ErrorCode.UNAVAILABLE, f"etcd at {endpoint}: {what} failed: {exc}") from exc
 
     async def _txn(
         self, what: str, compare: list[Any], success: list[Any], failure: list[Any]

@@ -2,7 +2,8 @@
 
 ``etcd`` is one server for the whole session; tests isolate themselves with their
 own cluster name (key prefix).  ``fresh_etcd`` is a server of the test's own, for
-tests that kill, pause or compact it.  Without an etcd binary these tests skip,
+tests that kill, pause or compact it; ``etcd_cluster3`` is a 3-member etcd of the
+test's own, for tests that kill one member.  Without an etcd binary these tests skip,
 saying how to get one.
 """
 
@@ -13,7 +14,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from kvstore.etcd_server import EtcdServer, find_etcd
+from kvstore.etcd_server import EtcdCluster, EtcdServer, find_etcd
 
 _names = itertools.count(1)
 
@@ -48,3 +49,14 @@ def fresh_etcd() -> Iterator[EtcdServer]:
 @pytest.fixture
 def cluster_name(request: pytest.FixtureRequest) -> str:
     return f"t{next(_names)}-{request.node.name[:40].replace('/', '_').replace('[', '_').replace(']', '')}"
+
+
+@pytest.fixture
+def etcd_cluster3() -> Iterator[EtcdCluster]:
+    """A 3-member etcd of the test's own, for tests that kill one member."""
+    cluster = EtcdCluster(3, binary=_binary())
+    cluster.start()
+    try:
+        yield cluster
+    finally:
+        cluster.cleanup()
