@@ -24,6 +24,7 @@ separate interpreters (multiprocessing spawn: gRPC does not survive fork).
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import contextlib
 import fcntl
@@ -39,7 +40,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import IO, Any, TypeVar
 
@@ -90,6 +91,20 @@ LEADER_WAIT_S = 20.0
 
 class ClusterError(RuntimeError):
     """A cluster process failed to start, died, or left state behind."""
+
+
+async def retry_unavailable(
+    call: Callable[[], Awaitable[_T]], within_s: float = 5.0, pause_s: float = 0.02
+) -> _T:
+    """Await ``call()`` again while it fails with UNAVAILABLE (a restarted or lost etcd member), up to ``within_s``."""
+    deadline = time.monotonic() + within_s
+    while True:
+        try:
+            return await call()
+        except KVStoreError as exc:
+            if exc.code != ErrorCode.UNAVAILABLE or time.monotonic() > deadline:
+                raise
+        await asyncio.sleep(pause_s)
 
 
 def wait_for(predicate: Callable[[], _T], timeout: float, what: str, interval: float = 0.01) -> _T:

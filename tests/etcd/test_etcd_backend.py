@@ -13,6 +13,7 @@ from kvstore.errors import ErrorCode, KVStoreError
 from kvstore.etcd_server import EtcdServer
 from kvstore.metadata import NODE_DELETE, NODE_PUT, NODE_RESYNC, NodeEvent, create_backend
 from kvstore.metadata.etcd import EtcdBackend
+from kvstore.testing import retry_unavailable
 
 T = TypeVar("T")
 LEADER_TTL_S = 1  # etcd's smallest lease with the test server's 50 ms election timeout
@@ -36,18 +37,6 @@ async def eventually(check: Callable[[], Awaitable[bool]], within_s: float, what
             raise AssertionError(f"{what}: not within {within_s} s")
         await asyncio.sleep(0.02)
     return time.monotonic() - started
-
-
-async def retrying(call: Callable[[], Awaitable[T]], within_s: float = 5.0) -> T:
-    """Retry a call through UNAVAILABLE (e.g. right after an etcd restart)."""
-    deadline = time.monotonic() + within_s
-    while True:
-        try:
-            return await call()
-        except KVStoreError as exc:
-            if exc.code != ErrorCode.UNAVAILABLE or time.monotonic() > deadline:
-                raise
-        await asyncio.sleep(0.05)
 
 
 async def next_event(watch: AsyncIterator[NodeEvent], timeout_s: float = 5.0) -> NodeEvent:
@@ -163,7 +152,7 @@ def test_watch_resumes_after_etcd_kill_and_restart_without_losing_events(
             await asyncio.to_thread(fresh_etcd.restart, True)  # kill -9, same data dir and ports
             # These land while the watcher is disconnected (it is not even being pulled):
             # it must replay them from its last revision, in order.
-            await retrying(lambda: writer.register_node("node-2", b"two", ttl_s=30))
+            await retry_unavailable(lambda: writer.register_node("node-2", b"two", ttl_s=30))
             await writer.register_node("node-3", b"three", ttl_s=30)
             await writer.unregister_node(first)
 
@@ -197,7 +186,7 @@ def test_watch_resyncs_after_compaction(fresh_etcd: EtcdServer, cluster_name: st
                 NodeEvent(NODE_PUT, "node-kept", b"k"),
             }
             await asyncio.to_thread(fresh_etcd.restart, True)
-            await retrying(lambda: writer.unregister_node(gone))
+            await retry_unavailable(lambda: writer.unregister_node(gone))
             await writer.update_node(kept, b"k2")
             await writer.register_node("node-new", b"n", ttl_s=30)
             await writer.update_node(kept, b"k3")
@@ -398,7 +387,7 @@ def test_paused_etcd_gives_unavailable_and_the_leader_steps_down_in_time(
             # etcd back: the same backend works again and can lead again.
             again = await asyncio.wait_for(a.campaign("master-a:1"), 10)
             assert again.term == first.term + 1
-            assert await retrying(lambda: a.leader()) == "master-a:1"
+            assert await retry_unavailable(lambda: a.leader()) == "master-a:1"
         finally:
             await a.close()
 

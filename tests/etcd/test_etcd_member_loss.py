@@ -12,10 +12,10 @@ import time
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
-from kvstore.errors import ErrorCode, KVStoreError
 from kvstore.etcd_server import EtcdCluster
 from kvstore.metadata import create_backend
 from kvstore.metadata.etcd import EtcdBackend
+from kvstore.testing import retry_unavailable
 
 T = TypeVar("T")
 LEADER_TTL_S = 1
@@ -34,15 +34,8 @@ def backend(etcd: EtcdCluster, cluster: str) -> EtcdBackend:
     return made
 
 
-async def retrying(call: Callable[[], Awaitable[T]]) -> T:
-    deadline = time.monotonic() + RETRY_S
-    while True:
-        try:
-            return await call()
-        except KVStoreError as exc:
-            if exc.code != ErrorCode.UNAVAILABLE or time.monotonic() > deadline:
-                raise
-        await asyncio.sleep(0.02)
+def retrying(call: Callable[[], Awaitable[T]]) -> Awaitable[T]:
+    return retry_unavailable(call, RETRY_S)
 
 
 def test_node_lease_and_fenced_writes_survive_each_member_dying(
