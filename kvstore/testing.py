@@ -52,7 +52,7 @@ from kvstore._proto import kvstore_pb2 as pb
 from kvstore._proto import kvstore_pb2_grpc as pb_grpc
 from kvstore.errors import ErrorCode, KVStoreError, from_rpc_error
 from kvstore.etcd_server import EtcdCluster, EtcdServer
-from kvstore.tiers.dram import POOL_PREFIX
+from kvstore.tiers.dram import POOL_PREFIX, sweep_orphans
 
 MASTER_READY = re.compile(r"kvstore-master listening on (\S+)")
 NODE_READY = re.compile(r"kvstore-node (\S+) data (\S+) control (\S+)")
@@ -325,6 +325,8 @@ class Cluster:
         self.keep_logs = keep_logs
         self._env = {**_child_env(inherit_settings_env), **(extra_env or {})}
         self._owns_shm_dir = shm_dir is None
+        if not shm_dir:
+            _sweep_stale_cluster_dirs(_default_shm_parent())
         self.shm_dir = shm_dir or tempfile.mkdtemp(prefix="kvstore-test-", dir=_default_shm_parent())
         self.log_dir = tempfile.mkdtemp(prefix="kvstore-logs-")
         ids = list(node_ids) if node_ids is not None else [f"node{i}" for i in range(nodes)]
@@ -747,6 +749,23 @@ class Cluster:
         if self.etcd is not None:
             tails.append(f"---- {self.etcd!r} ----\n{self.etcd.log_tail()}")
         return "\n".join(tails)
+
+
+STALE_DIR_AGE_S = 600.0
+
+
+def _sweep_stale_cluster_dirs(parent: str | None) -> None:
+    """Remove what clusters of crashed test processes left: orphaned pool files, then their old empty dirs."""
+    if parent is None:
+        return
+    for name in os.listdir(parent):
+        path = os.path.join(parent, name)
+        with contextlib.suppress(OSError):
+            if not name.startswith("kvstore-test-") or time.time() - os.path.getmtime(path) < STALE_DIR_AGE_S:
+                continue  # young: a cluster may be starting there
+            sweep_orphans(path)  # only files no live node holds a lock on
+            if not os.listdir(path):
+                os.rmdir(path)
 
 
 def _default_shm_parent() -> str | None:

@@ -26,6 +26,7 @@ import logging
 import mmap
 import os
 import struct
+import time
 import uuid
 from dataclasses import dataclass
 
@@ -42,6 +43,8 @@ HEADER_BYTES = 4096
 UNIT = 4096
 DATA_ALIGN = 2 << 20
 POOL_PREFIX = "kvstore-pool-"
+STAGING_PREFIX = ".kvstore-staging-"
+STAGING_GRACE_S = 60.0
 # magic, version, incarnation, data_offset, data_bytes, gen_offset, gen_entries, owner pid
 _HEADER = struct.Struct("<8sI16sQQQQI")
 
@@ -98,9 +101,13 @@ class DramPool(Tier):
         path = os.path.join(directory, f"{POOL_PREFIX}{safe_id}-{incarnation.hex()[:12]}")
         data_offset, gen_entries = _data_offset(data_bytes)
         total = data_offset + data_bytes
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        # Created under a name sweepers ignore and renamed once locked: another node's
+        # orphan sweep must never see this file unlocked.
+        staging = os.path.join(directory, f"{STAGING_PREFIX}{incarnation.hex()}")
+        fd = os.open(staging, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.rename(staging, path)
             try:
                 os.posix_fallocate(fd, 0, total)
             except OSError as exc:
@@ -112,7 +119,9 @@ class DramPool(Tier):
             mm = mmap.mmap(fd, total, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         except BaseException:
             os.close(fd)
-            os.unlink(path)
+            for leftover in (staging, path):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(leftover)
             raise
         header = PoolHeader(incarnation, data_offset, data_bytes, HEADER_BYTES, gen_entries, os.getpid())
         _HEADER.pack_into(
@@ -216,9 +225,14 @@ def sweep_orphans(directory: str) -> list[str]:
     except FileNotFoundError:
         return removed
     for name in names:
-        if not name.startswith(POOL_PREFIX):
-            continue
         path = os.path.join(directory, name)
+        if name.startswith(STAGING_PREFIX):
+            # a node that died while creating its pool; a young one may still be renaming it
+            with contextlib.suppress(OSError):
+                if time.time() - os.path.getmtime(path) < STAGING_GRACE_S:
+                    continue
+        elif not name.startswith(POOL_PREFIX):
+            continue
         try:
             fd = os.open(path, os.O_RDONLY)
         except OSError:

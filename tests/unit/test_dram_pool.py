@@ -3,15 +3,25 @@
 from __future__ import annotations
 
 import os
+import pathlib
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
 
 from kvstore.errors import ErrorCode, KVStoreError
 from kvstore.tiers.base import SLOT_UNIT, Tier
-from kvstore.tiers.dram import DATA_ALIGN, POOL_PREFIX, DramPool, read_header, sweep_orphans
+from kvstore.tiers.dram import (
+    DATA_ALIGN,
+    POOL_PREFIX,
+    STAGING_GRACE_S,
+    STAGING_PREFIX,
+    DramPool,
+    read_header,
+    sweep_orphans,
+)
 
 POOL_BYTES = 4 << 20
 
@@ -164,3 +174,15 @@ def test_create_sweeps_orphans_first(tmp_path):
 
 def test_sweep_of_a_missing_directory_is_a_no_op(tmp_path):
     assert sweep_orphans(str(tmp_path / "nope")) == []
+
+
+def test_an_old_unlocked_staging_file_is_swept_and_a_young_one_kept(tmp_path: pathlib.Path) -> None:
+    old = tmp_path / f"{STAGING_PREFIX}old"
+    young = tmp_path / f"{STAGING_PREFIX}young"
+    old.write_bytes(b"x")
+    young.write_bytes(b"x")
+    past = time.time() - STAGING_GRACE_S - 5
+    os.utime(old, (past, past))
+    removed = sweep_orphans(str(tmp_path))
+    assert removed == [str(old)]
+    assert young.exists()
