@@ -818,10 +818,10 @@ class Master:
         layout = ns.layout
         heads = layout.head_range(tp_rank, tp_size)
         count = len(packed_keys) // KEY
-        distinct = set(packed_keys[i : i + KEY] for i in range(0, len(packed_keys), KEY))
-        if len(distinct) != count:
+        key_items = np.frombuffer(packed_keys, dtype=f"V{KEY}")
+        if len(np.unique(key_items)) != count:
             raise KVStoreError(ErrorCode.BAD_KEYS, "duplicate page keys in one request")
-        if parent_key in distinct:
+        if len(parent_key) == KEY and np.any(key_items == np.frombuffer(parent_key, dtype=f"V{KEY}")[0]):
             raise KVStoreError(ErrorCode.BAD_KEYS, "parent_key is one of the request's own page keys")
         index = self.index
         now = self.clock()

@@ -26,24 +26,25 @@ def _binary() -> str:
         pytest.skip(str(exc))
 
 
-@pytest.fixture(scope="session")
-def etcd() -> Iterator[EtcdServer]:
+def _running_etcd() -> Iterator[EtcdServer]:
     server = EtcdServer(binary=_binary())
     server.start()
     try:
         yield server
     finally:
         server.cleanup()
+
+
+@pytest.fixture(scope="session")
+def etcd() -> Iterator[EtcdServer]:
+    """One etcd for the whole session (tests use their own cluster prefix)."""
+    yield from _running_etcd()
 
 
 @pytest.fixture
 def fresh_etcd() -> Iterator[EtcdServer]:
-    server = EtcdServer(binary=_binary())
-    server.start()
-    try:
-        yield server
-    finally:
-        server.cleanup()
+    """An etcd of the test's own, for tests that kill or restart it."""
+    yield from _running_etcd()
 
 
 @pytest.fixture

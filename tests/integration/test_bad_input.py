@@ -222,32 +222,14 @@ def test_forged_and_expired_grants_are_refused_by_the_node(limited, ns_client, n
         _raises(ErrorCode.BAD_GRANT, _write_request, node.data_address, widened, slot, payload)
 
         secret = bytes.fromhex(limited.grant_secret)
-        expired = grants.sign(
-            secret,
-            real.node_id,
-            real.incarnation,
-            np.frombuffer(real.slots, dtype="<u8"),
-            np.frombuffer(real.generations, dtype="<u4"),
-            int(time.time() * 1000) - 1000,
-            real.term,
-            grants.WRITE,
-        )
+        expired = _expired_copy(secret, real, grants.WRITE)
         err = _raises(ErrorCode.BAD_GRANT, _write_request, node.data_address, expired, slot, payload)
         assert "expired" in err.message
         err = _raises(
             ErrorCode.BAD_GRANT,
             _read_request,
             node.data_address,
-            grants.sign(
-                secret,
-                real.node_id,
-                real.incarnation,
-                np.frombuffer(real.slots, dtype="<u8"),
-                np.frombuffer(real.generations, dtype="<u4"),
-                int(time.time() * 1000) - 1000,
-                real.term,
-                grants.READ,
-            ),
+            _expired_copy(secret, real, grants.READ),
             slot,
             64,
         )
@@ -347,3 +329,17 @@ def test_client_killed_mid_session_is_reclaimed(make_cluster, client):
     hit = c.get_prefix(tokens)
     assert hit.num_pages == 6
     np.testing.assert_array_equal(hit.layer(1), layers[1])
+
+
+def _expired_copy(secret: bytes, real: pb.Grant, rights: int) -> pb.Grant:
+    """``real``'s slots, validly signed, but expired a second ago."""
+    return grants.sign(
+        secret,
+        real.node_id,
+        real.incarnation,
+        np.frombuffer(real.slots, dtype="<u8"),
+        np.frombuffer(real.generations, dtype="<u4"),
+        int(time.time() * 1000) - 1000,
+        real.term,
+        rights,
+    )
