@@ -27,12 +27,12 @@ system-deps:
 $(STAMP): pyproject.toml setup.py proto/kvstore.proto native/copyengine.c | system-deps
 	[ -x $(BIN)/python ] || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -e '.[dev,demo]'
 	touch $(STAMP)
 
 proto native: system-deps
 	[ -x $(BIN)/python ] || $(PY) -m venv $(VENV)
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -e '.[dev,demo]'
 	touch $(STAMP)
 
 # A single-machine cluster (master on the embedded backend + one DRAM node) and a short demo.

@@ -55,6 +55,10 @@ class BuildPy(build_py):
     def run(self) -> None:
         generate_stubs()
         super().run()
+        # The GPU kernels (native/gpu_kernels.cu) ship inside the package: NVRTC compiles them at first use.
+        target = pathlib.Path(self.build_lib) / "kvstore" / "gpu" / "gpu_kernels.cu"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text((ROOT / "native" / "gpu_kernels.cu").read_text())
 
 
 class EggInfo(egg_info):

@@ -130,6 +130,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "prefault", _parse_bool, True, (NODE,), "touch every pool page at start so first writes do not fault"
     ),
+    # tiers: NVMe and VRAM regions of a node
+    Setting("nvme", str, "", (NODE,), "NVMe tier: SIZE:DIRECTORY, e.g. 200GiB:/mnt/nvme0 (empty: none)"),
+    Setting("nvme_direct", str, "auto", (NODE,), "auto | on | off: O_DIRECT for the NVMe tier's file"),
+    Setting("nvme_io_threads", int, 4, (NODE,), "NVMe requests in flight at once (threads, GIL released)"),
+    Setting("vram", str, "", (NODE,), "VRAM tier: SIZE:GPU, e.g. 10GiB:0 (empty: none; needs CuPy)"),
     # -- master policy
     Setting("read_lease_ms", int, 30_000, (MASTER,), "default read lease"),
     Setting("write_lease_ms", int, 30_000, (MASTER,), "default write lease of a put session"),
@@ -155,6 +160,17 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("arena_bytes", parse_size, parse_size("16MiB"), (MASTER,), "allocation unit of node regions"),
     Setting("high_watermark", _parse_fraction, 0.95, (MASTER,), "evict when a region is fuller than this"),
     Setting("low_watermark", _parse_fraction, 0.85, (MASTER,), "... down to this"),
+    # tiers: per-tier watermarks (DRAM uses high_watermark/low_watermark), moves, pins
+    Setting("vram_high_watermark", _parse_fraction, 0.90, (MASTER,), "demote VRAM pages past this"),
+    Setting("vram_low_watermark", _parse_fraction, 0.80, (MASTER,), "... down to this"),
+    Setting("nvme_high_watermark", _parse_fraction, 0.95, (MASTER,), "evict NVMe pages past this"),
+    Setting("nvme_low_watermark", _parse_fraction, 0.90, (MASTER,), "... down to this"),
+    Setting("tier_policy", str, "lru", (MASTER,), "which pages tier moves pick: lru"),
+    Setting("tier_move_batch", int, 256, (MASTER,), "pages per demotion/drain move (one node RPC)"),
+    Setting(
+        "promote_on_hit", _parse_bool, True, (MASTER,), "acquire promotes NVMe pages to DRAM (off: the hit ends there)"
+    ),
+    Setting("max_pin_ms", int, 3_600_000, (MASTER,), "longest pin a client may ask for"),
     Setting("max_request_pages", int, 65_536, (MASTER,), "most pages in one request"),
     Setting(
         "max_message_bytes", parse_size, parse_size("64MiB"), (MASTER, NODE, CLIENT), "largest gRPC message"
@@ -185,6 +201,13 @@ SETTINGS: tuple[Setting, ...] = (
         0,
         (CLIENT,),
         "write lease asked for each put; it must cover the whole prefill (0: the master's write_lease_ms)",
+    ),
+    Setting(
+        "stream_wait_ms",
+        int,
+        0,
+        (CLIENT,),
+        "get_prefix_stream: how long the master waits for page 0 to be opened by a writer (0: don't wait)",
     ),
     Setting("transport", str, "auto", (CLIENT,), "auto | shm | tcp: force a data path"),
     Setting("copy_threads", int, 2, (CLIENT, NODE), "threads of the native copy engine for large batches"),

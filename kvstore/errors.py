@@ -52,6 +52,10 @@ class ErrorCode(enum.Enum):
         grpc.StatusCode.UNAUTHENTICATED,
         "grant signature invalid, expired or not covering the request",
     )
+    NODE_DRAINED = (
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "node was drained and unregistered (tiers); restart it to rejoin",
+    )
     UNAVAILABLE = (grpc.StatusCode.UNAVAILABLE, "a service could not be reached")
     DEADLINE = (grpc.StatusCode.DEADLINE_EXCEEDED, "an operation did not finish in time")
     INTERNAL = (grpc.StatusCode.INTERNAL, "a bug: please report it")

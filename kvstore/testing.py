@@ -59,7 +59,7 @@ NODE_READY = re.compile(r"kvstore-node (\S+) data (\S+) control (\S+)")
 
 # Settings the harness sets itself; callers choose them through Cluster's own arguments.
 _HARNESS_OWNED = frozenset(
-    {"port", "master", "dram", "shm_dir", "node_id", "grant_secret", "host", "config", "etcd", "cluster"}
+    {"port", "master", "dram", "shm_dir", "node_id", "grant_secret", "host", "config", "etcd", "cluster", "nvme"}
 )
 
 # Run before the real command, in the child: die with the parent (PR_SET_PDEATHSIG = 1),
@@ -293,6 +293,8 @@ class Cluster:
         inherit_settings_env: bool = False,
         extra_env: Mapping[str, str] | None = None,
         keep_logs: bool = False,
+        nvme: str | int | None = None,
+        nvme_dir: str | None = None,
         **settings: Any,
     ) -> None:
         by_name = {s.name: s for s in kvconfig.SETTINGS}
@@ -317,6 +319,11 @@ class Cluster:
                 self._node_flags += [setting.flag, _flag_value(value)]
         self.settings = dict(settings)
         self.dram = kvconfig.parse_size(dram)
+        # tiers: ``nvme`` sizes each node's NVMe region, in ``nvme_dir`` (default: a fresh directory
+        # on the disk that holds the temp directory, removed at stop)
+        self.nvme = kvconfig.parse_size(nvme) if nvme else 0
+        self._owns_nvme_dir = bool(self.nvme) and nvme_dir is None
+        self.nvme_dir = nvme_dir or (tempfile.mkdtemp(prefix="kvstore-nvme-test-") if self.nvme else "")
         self.host = host
         self.port = port
         self.grant_secret = grant_secret if grant_secret is not None else secrets.token_hex(32)
@@ -446,6 +453,8 @@ class Cluster:
             self.grant_secret,
             *self._node_flags,
         ]
+        if self.nvme:
+            argv += ["--nvme", f"{self.nvme}:{self.nvme_dir}"]
         if self.etcd is not None:
             argv += ["--etcd", self.etcd_endpoint, "--cluster", self.cluster_name]
         generation = len(node.history)
@@ -486,6 +495,8 @@ class Cluster:
         leaks = self._sweep_pool_files()
         if self._owns_shm_dir:
             shutil.rmtree(self.shm_dir, ignore_errors=True)
+        if self._owns_nvme_dir:
+            shutil.rmtree(self.nvme_dir, ignore_errors=True)
         if not self.keep_logs and not leaks:
             shutil.rmtree(self.log_dir, ignore_errors=True)
         if leaks and check:

@@ -19,6 +19,12 @@ Parts (``--parts``, default all):
 * ``memory``: a fresh master's RSS growth per page while it indexes 1,000,000
   pages of 32 layers (``--quick``: 100,000).
 * ``latency``: get_prefix of one 4 KiB segment, p50 and p99, per path.
+* ``streaming``: a writer process puts 32 layers while a reader process streams
+  them (get_prefix_stream, shm): how long after the last layer's commit the
+  reader has every layer, beside one layer's read time (kvstore.bench.streaming).
+* ``tiers``: NVMe tier write/read GB/s (4 MiB and 64 KiB segments) beside raw
+  file I/O in the same directory, and demotion throughput (kvstore.bench.tiers;
+  ``--tier-dir`` picks the directory, default the temp directory).
 
 GB/s are 1e9 bytes per second of client-call time.
 """
@@ -55,7 +61,7 @@ from kvstore.layout import align_up
 from kvstore.testing import Cluster, process_pool, submit, wait_for
 
 PATHS = ("shm", "tcp")
-PARTS = ("throughput", "redis", "control", "memory", "latency")
+PARTS = ("throughput", "redis", "control", "memory", "latency", "streaming", "tiers")
 MAX_NODE_DRAM = 4 << 30
 RUN_TIMEOUT_S = 600.0
 ROOM_TIMEOUT_S = 120.0  # evicted slots return after the cluster's quarantine
@@ -113,6 +119,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--json", dest="json_file", metavar="FILE", help="also write results and machine info here"
     )
+    parser.add_argument("--tier-dir", default=None, help="directory of the tiers part's NVMe files (default: temp)")
 
 
 def _node_dram(total: int, sizes: list[int], layers: int) -> int:
@@ -195,7 +202,7 @@ def run(args: argparse.Namespace, cfg: kvconfig.Config) -> int:
     results: list[dict[str, Any]] = []
     errors: list[str] = []
     report: dict[str, Any] = {}
-    needs_cluster = any(p in parts for p in ("throughput", "control", "latency"))
+    needs_cluster = any(p in parts for p in ("throughput", "control", "latency", "streaming"))
     with contextlib.ExitStack() as stack:
         master = ""
         admin_call: Caller | None = None
@@ -284,6 +291,34 @@ def run(args: argparse.Namespace, cfg: kvconfig.Config) -> int:
                     f"p50 {got['get']['p50_ms']:.3f} ms, p99 {got['get']['p99_ms']:.3f} ms",
                     flush=True,
                 )
+
+        if "streaming" in parts:
+            from kvstore.bench.streaming import run_streaming
+
+            try:
+                namespace = f"bench/streaming-{secrets.token_hex(3)}"
+                report["streaming"] = run_streaming(
+                    master, namespace, writer, reader, args.quick, RUN_TIMEOUT_S
+                )
+                st = report["streaming"]
+                print(
+                    f"  streaming: {st['layers']} layers of {format_size(st['layer_bytes'])}: reader has all "
+                    f"{st['lag_after_last_commit_ms']:.2f} ms after the last commit; one layer's read "
+                    f"{st['one_layer_read_ms']:.2f} ms",
+                    flush=True,
+                )
+            except (KVStoreError, TimeoutError, RuntimeError) as exc:
+                errors.append(f"streaming: {exc}")
+                print(f"  streaming: failed: {exc}", file=sys.stderr, flush=True)
+
+    if "tiers" in parts:
+        from kvstore.bench.tiers import run_tiers
+
+        try:
+            report["tiers"] = run_tiers(args.tier_dir, args.quick)
+        except (KVStoreError, TimeoutError, RuntimeError, OSError) as exc:
+            errors.append(f"tiers: {exc}")
+            print(f"  tiers: failed: {exc}", file=sys.stderr, flush=True)
 
     if "memory" in parts:
         from kvstore.bench.memory import master_memory

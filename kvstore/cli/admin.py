@@ -216,15 +216,31 @@ def cmd_stats(args: argparse.Namespace, cfg: kvconfig.Config) -> int:
                     percent(tier.allocated_bytes, tier.capacity_bytes),
                     format_size(tier.quarantined_bytes),
                     tier.pages,
+                    tier.segments,
                     percent(tier.hits, tier.lookups),
+                    tier.demotions,
+                    tier.promotions,
                     tier.evictions,
                 ]
             )
     print(
         render_table(
-            ["node", "tier", "capacity", "used", "used%", "quarantined", "pages", "hit rate", "evictions"],
+            [
+                "node",
+                "tier",
+                "capacity",
+                "used",
+                "used%",
+                "quarantined",
+                "pages",
+                "segments",
+                "hit rate",
+                "demoted",
+                "promoted",
+                "evictions",
+            ],
             rows,
-            right=(2, 3, 4, 5, 6, 7, 8),
+            right=(2, 3, 4, 5, 6, 7, 8, 9, 10, 11),
         )
     )
     print()
@@ -296,13 +312,29 @@ def cmd_namespaces(args: argparse.Namespace, cfg: kvconfig.Config) -> int:
 
 
 def cmd_evict(args: argparse.Namespace, cfg: kvconfig.Config) -> int:
+    from kvstore.cli.tiers import prefix_keys
+
+    tokens, key = getattr(args, "tokens", None), getattr(args, "key", None)
+    node, tier = getattr(args, "node", None) or "", getattr(args, "tier", None) or ""
+    if not (args.namespace or args.all or node or tier):
+        raise KVStoreError(ErrorCode.INVALID_ARGUMENT, "name --namespace, --node or --tier, or pass --all")
     with Master(cfg) as master:
-        request = pb.EvictRequest(namespace=args.namespace or "", all=bool(args.all))
+        packed = prefix_keys(master, args.namespace, tokens, key) if tokens or key else b""
+        request = pb.EvictRequest(
+            namespace=args.namespace or "", all=bool(args.all), keys=packed, node_id=node, tier=tier
+        )
         reply: pb.EvictResponse = master.admin("Evict", request)
     if args.json:
         print_json(proto_to_dict(reply))
         return 0
-    target = f"namespace {args.namespace}" if args.namespace else "every namespace"
+    scopes = [f"namespace {args.namespace}" if args.namespace else "every namespace"]
+    if packed:
+        scopes.append("that prefix (and what extends it)")
+    if node:
+        scopes.append(f"node {node}")
+    if tier:
+        scopes.append(f"tier {tier}")
+    target = ", ".join(scopes)
     print(
         f"evicted {reply.pages_evicted} pages from {target}; "
         f"{reply.pages_skipped_leased} skipped (under a read lease)"

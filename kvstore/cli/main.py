@@ -2,8 +2,11 @@
 
     kvstore up [--port 50051] [--dram 1GiB] [--shm-dir /dev/shm] [--demo]
     kvstore nodes | stats | namespaces [--json]
-    kvstore evict (--namespace NS | --all)
+    kvstore evict (--namespace NS [--tokens T,... | --key HEX] | --node ID | --tier T | --all)
+    kvstore pin|unpin --namespace NS (--tokens T,... | --key HEX) [--ttl-s S]
+    kvstore drain NODE [--force] [--cancel] [--no-wait]
     kvstore config [--remote]
+    kvstore demo pd [--bench] [--model small|8b] [--device cpu|cuda] [--own-cluster]
     kvstore bench [--quick] [--parts throughput,redis,control,memory,latency] [--sizes 64KiB,1MiB] [--json FILE]
 
 The master comes from ``--master`` (before or after the subcommand), else
@@ -50,7 +53,7 @@ def _json_flag(suppress: bool) -> argparse.ArgumentParser:
 
 def build_parser() -> argparse.ArgumentParser:
     from kvstore.bench import runner as bench
-    from kvstore.cli import admin, up
+    from kvstore.cli import admin, demo, tiers, up
 
     parser = argparse.ArgumentParser(
         prog="kvstore",
@@ -74,10 +77,16 @@ def build_parser() -> argparse.ArgumentParser:
     command("nodes", admin.cmd_nodes, "list storage nodes")
     command("stats", admin.cmd_stats, "capacity, use, pages and hit rate per node and tier")
     command("namespaces", admin.cmd_namespaces, "list namespaces")
-    evict = command("evict", admin.cmd_evict, "evict every unleased page of a namespace, or of all")
-    target = evict.add_mutually_exclusive_group(required=True)
-    target.add_argument("--namespace", help="namespace to empty")
-    target.add_argument("--all", action="store_true", help="every namespace")
+    evict = command(
+        "evict", admin.cmd_evict, "evict every unleased page in scope: a namespace, a prefix, a node, a tier, or all"
+    )
+    evict.add_argument("--namespace", help="namespace to empty")
+    evict.add_argument("--all", action="store_true", help="every namespace")
+    # tiers: narrower scopes (combined with AND)
+    tiers.add_prefix_arguments(evict, required=False)
+    evict.add_argument("--node", help="only pages on this node")
+    evict.add_argument("--tier", choices=("dram", "nvme", "vram"), help="only pages in this tier")
+    tiers.add_commands(command)
     config_cmd = command("config", admin.cmd_config, "print the effective configuration as TOML")
     config_cmd.add_argument(
         "--remote", action="store_true", help="the master's configuration instead of this shell's"
@@ -89,6 +98,15 @@ def build_parser() -> argparse.ArgumentParser:
             "measure the store beside the machine's limits (throughput, Redis, control plane, memory, latency)",
             json_output=False,
         )
+    )
+    demo.add_arguments(
+        command(
+            "demo",
+            demo.run,
+            "run a demo against the store (pd: prefill/decode with a real transformer)",
+            json_output=False,
+        ),
+        [conn],
     )
     return parser
 

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from types import TracebackType
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from kvstore.client.client import KVStoreClient
+from kvstore.client.stream import AsyncPrefixStream
 
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
@@ -59,6 +60,31 @@ class AsyncKVStoreClient:
     get_prefix = _in_thread(KVStoreClient.get_prefix)
     match_prefix = _in_thread(KVStoreClient.match_prefix)
     acquire_prefix = _in_thread(KVStoreClient.acquire_prefix)
+    pin_prefix = _in_thread(KVStoreClient.pin_prefix)
+    unpin_prefix = _in_thread(KVStoreClient.unpin_prefix)
     release = _in_thread(KVStoreClient.release)
     put_extra = _in_thread(KVStoreClient.put_extra)
     get_extra = _in_thread(KVStoreClient.get_extra)
+    flush = _in_thread(KVStoreClient.flush)
+
+    def put_layer_async(
+        self,
+        tokens: Any,
+        layer: int,
+        kv: Any,
+        tp_rank: int = 0,
+        tp_size: int = 1,
+        *,
+        contexts: Sequence[bytes] | None = None,
+        reader_host: str = "",
+    ) -> asyncio.Future[int]:
+        """KVStoreClient.put_layer_async: queued at once (no await needed); await the future for the pages written."""
+        return asyncio.wrap_future(
+            self.sync.put_layer_async(
+                tokens, layer, kv, tp_rank, tp_size, contexts=contexts, reader_host=reader_host
+            )
+        )
+
+    async def get_prefix_stream(self, tokens: Any, *args: Any, **kwargs: Any) -> AsyncPrefixStream:
+        """KVStoreClient.get_prefix_stream, iterated with ``async for``; same arguments."""
+        return AsyncPrefixStream(await asyncio.to_thread(self.sync.get_prefix_stream, tokens, *args, **kwargs))

@@ -9,25 +9,28 @@ inside the native copy.  Every argument is checked here before any RPC.
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import contextlib
 import functools
 import logging
 import struct
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import Any
 
 import numpy as np
 import xxhash
 
+from kvstore import gpu as gpu_plane
 from kvstore import hostid, keys
 from kvstore._proto import kvstore_pb2 as pb
 from kvstore.client.buffers import byte_view, check_size
 from kvstore.client.control import MasterConnection
 from kvstore.client.loop import LoopThread
 from kvstore.client.sessions import PutSession, SessionCache, SessionKey
+from kvstore.client.stream import PrefixStream
 from kvstore.client.types import Lease, PrefixHit
 from kvstore.config import Config, load
 from kvstore.errors import ErrorCode, KVStoreError
@@ -37,6 +40,7 @@ from kvstore.transports import CopyPlan, NodeBatch, TransportSelector, node_batc
 log = logging.getLogger("kvstore.client")
 
 _U32 = struct.Struct("<I")
+_KEY_MEMO_SIZE = 16  # sequences whose page keys a client remembers
 LeaseRef = Lease | str
 
 
@@ -47,6 +51,23 @@ def _log_release_failure(lease_id: str, future: concurrent.futures.Future[Any]) 
     if exc is not None:
         # It expires on its own; the read itself succeeded.
         log.info("release of lease %s failed: %s", lease_id, exc)
+
+
+def _resolved(checksums: Any) -> np.ndarray:
+    """Checksums of a put_layer call: an array, or the future of a GPU write's (computed by then)."""
+    return checksums.result() if isinstance(checksums, concurrent.futures.Future) else checksums
+
+
+def _finish_checksums(
+    checksums: np.ndarray, deferred: list[tuple[Callable[[], np.ndarray], np.ndarray]], runs_per_shard: int
+) -> np.ndarray:
+    """Fill in the checksums of GPU-written batches from their run hashes (on the client's hash thread)."""
+    for finish, columns in deferred:
+        run_hashes = finish()
+        checksums[:, columns] = shard_checksums(run_hashes.reshape(-1), runs_per_shard).reshape(
+            checksums.shape[0], len(columns)
+        )
+    return checksums.reshape(-1)
 
 
 def _common_prefix(a: bytes, b: bytes) -> int:
@@ -94,11 +115,19 @@ class KVStoreClient:
         self._sessions = SessionCache(session_cache_size)
         self._layout: Layout | None = None
         self._root = b""
+        self._key_memo: collections.OrderedDict[tuple[Any, ...], bytes] = collections.OrderedDict()
+        self._key_memo_lock = threading.Lock()
         self._closed = False
         self._loop = LoopThread()
         # calls sent without waiting (pipelined commits, get's own release): close() lets them land
         self._background: set[concurrent.futures.Future[Any]] = set()
         self._background_lock = threading.Lock()
+        self._hash_worker: concurrent.futures.ThreadPoolExecutor | None = None  # GPU writes' checksums
+        # put_layer_async: one worker thread runs the queued puts in call order
+        self._put_worker: concurrent.futures.ThreadPoolExecutor | None = None
+        self._async_lock = threading.Lock()
+        self._unflushed: list[concurrent.futures.Future[int]] = []
+        self._async_failed: set[SessionKey] = set()  # sequences whose async put failed since the last flush
         self._master = MasterConnection(
             address or cfg.master,
             self._loop,
@@ -122,6 +151,7 @@ class KVStoreClient:
         """Abort unfinished put sessions, close connections and stop the loop thread.  Idempotent."""
         if self._closed:
             return
+        self._finish_async_puts()
         self._closed = True
         unfinished = [s for s in self._sessions.drain() if s.has_work]
         with self._background_lock:
@@ -139,6 +169,8 @@ class KVStoreClient:
             except KVStoreError as exc:
                 log.debug("closing the master channel: %s", exc)
             self._loop.stop()
+            if self._hash_worker is not None:
+                self._hash_worker.shutdown(wait=True)
             self._transports.close()
 
     async def _abort_all(self, sessions: list[PutSession]) -> None:
@@ -220,9 +252,27 @@ class KVStoreClient:
     # ------------------------------------------------------------ keys
     def _page_keys(self, tokens: np.ndarray, num_pages: int, contexts: Sequence[bytes] | None) -> bytes:
         layout = self.layout
-        return keys.pack_keys(
-            keys.page_keys(self._root, tokens[: num_pages * layout.page_size], layout.page_size, contexts)
+        keyed = np.ascontiguousarray(tokens[: num_pages * layout.page_size])
+        # A decoder reads one prefix layer by layer: the key chain (a Python step per page, ~15 ms
+        # for 16384 pages) is remembered for the last few sequences, found by one 128-bit digest.
+        memo = (
+            self._root,
+            layout.page_size,
+            keyed.dtype.str,
+            xxhash.xxh3_128_digest(keyed.tobytes() if keyed.size < 4096 else keyed.data.cast("B")),
+            None if contexts is None else tuple(contexts[:num_pages]),
         )
+        with self._key_memo_lock:
+            packed = self._key_memo.get(memo)
+            if packed is not None:
+                self._key_memo.move_to_end(memo)
+                return packed
+        packed = keys.pack_keys(keys.page_keys(self._root, keyed, layout.page_size, contexts))
+        with self._key_memo_lock:
+            self._key_memo[memo] = packed
+            while len(self._key_memo) > _KEY_MEMO_SIZE:
+                self._key_memo.popitem(last=False)
+        return packed
 
     def _session_key(
         self, tokens: np.ndarray, contexts: Sequence[bytes] | None, tp_rank: int, tp_size: int
@@ -297,7 +347,8 @@ class KVStoreClient:
             raise KVStoreError(ErrorCode.BAD_RANGE, f"layers repeat: {layer_list}")
         heads = layout.head_range(tp_rank, tp_size)
         shard = layout.shard_bytes(heads)
-        source = byte_view(kv, "kv")
+        side = gpu_plane.caller_side(kv, "kv", layout, layer_list, heads, num_pages, writable=False)
+        source = byte_view(kv, "kv") if side is None else side.buffer
         check_size(
             source,
             len(layer_list) * num_pages * shard,
@@ -323,9 +374,9 @@ class KVStoreClient:
             if finished:
                 self._sessions.drop(key, session)
             return 0
-        plan = CopyPlan(layout, layer_list, heads, source, num_pages)
+        plan = CopyPlan(layout, layer_list, heads, source, num_pages, None if side is None else side.gpu)
         try:
-            checksums = self._write(session, plan)
+            checksums: Any = self._write(session, plan)  # an array, or a future of one (GPU writes)
         except KVStoreError as exc:
             self._fail_session(key, session, exc)
             raise
@@ -376,7 +427,7 @@ class KVStoreClient:
         return pb.CommitLayerRequest(
             session_id=session.session_id,
             layers=np.asarray([layer for layers, _ in queued for layer in layers], dtype="<u2").tobytes(),
-            checksums=np.concatenate([sums for _, sums in queued]).astype("<u8").tobytes(),
+            checksums=np.concatenate([_resolved(sums) for _, sums in queued]).astype("<u8").tobytes(),
         )
 
     async def _commit_pump(self, session: PutSession) -> None:
@@ -388,6 +439,9 @@ class KVStoreClient:
                     session.pumping = False  # under the lock: a put_layer from now on starts a new pump
                     return
             try:
+                for _, sums in queued:  # GPU writes: their checksums are still being computed
+                    if isinstance(sums, concurrent.futures.Future):
+                        await asyncio.wrap_future(sums)
                 await self._master.acall("CommitLayer", self._commit_request(session, queued))
             except KVStoreError as exc:
                 with session.lock:
@@ -477,18 +531,130 @@ class KVStoreClient:
             expires_unix_ms=response.expires_unix_ms,
         )
 
-    def _write(self, session: PutSession, plan: CopyPlan) -> np.ndarray:
-        """Write every new page, node by node; returns the commit checksums, per (layer, new page)."""
+    def _write(
+        self, session: PutSession, plan: CopyPlan
+    ) -> np.ndarray | concurrent.futures.Future[np.ndarray]:
+        """Write every new page, node by node; returns the commit checksums, per (layer, new page).
+
+        A GPU write's checksums are computed from the landed bytes on the client's hash
+        thread, off the copy's timing: then the result is a future of them.
+        """
         checksums = np.empty((len(plan.layers), len(session.new_pages)), dtype=np.uint64)
-        for batch in session.batches:
-            transport = self._transports.for_node(batch.node)
-            with transport.in_use():
-                run_hashes = transport.write(batch, plan)
-            columns = np.searchsorted(session.new_pages, batch.pages)
-            checksums[:, columns] = shard_checksums(run_hashes.reshape(-1), plan.runs_per_shard).reshape(
-                len(plan.layers), len(batch)
-            )
+        deferred: list[tuple[Callable[[], np.ndarray], np.ndarray]] = []
+        try:
+            for batch in session.batches:
+                transport = self._transports.for_node(batch.node)
+                with transport.in_use():
+                    run_hashes = transport.write(batch, plan)
+                columns = np.searchsorted(session.new_pages, batch.pages)
+                if callable(run_hashes):
+                    deferred.append((run_hashes, columns))
+                    continue
+                checksums[:, columns] = shard_checksums(run_hashes.reshape(-1), plan.runs_per_shard).reshape(
+                    len(plan.layers), len(batch)
+                )
+        except BaseException:
+            for finish, _ in deferred:  # they hold their pools mapped until they have run
+                with contextlib.suppress(Exception):
+                    finish()
+            raise
+        if deferred:
+            return self._hasher().submit(_finish_checksums, checksums, deferred, plan.runs_per_shard)
         return checksums.reshape(-1)
+
+    def _hasher(self) -> concurrent.futures.ThreadPoolExecutor:
+        with self._background_lock:
+            if self._hash_worker is None:
+                self._hash_worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="kvstore-hash")
+            return self._hash_worker
+
+    def put_layer_async(
+        self,
+        tokens: Any,
+        layer: int,
+        kv: Any,
+        tp_rank: int = 0,
+        tp_size: int = 1,
+        *,
+        contexts: Sequence[bytes] | None = None,
+        reader_host: str = "",
+    ) -> concurrent.futures.Future[int]:
+        """:meth:`put_layer` without waiting: returns at once with a future of the pages written.
+
+        The copy and the commit run on a worker thread of the client (the native
+        copy releases the GIL, so the caller computes the next layer meanwhile);
+        puts run in call order, so the layers of a sequence are written and
+        committed in the order they were handed over.  ``kv`` must not be
+        modified (or freed) until its future is done.  Arguments are checked
+        here; a put that fails aborts its sequence's put (as put_layer does) and
+        the later async puts of that sequence fail without writing, until the
+        next :meth:`flush`, which waits for every pending async put and raises
+        the first error.  :meth:`close` flushes first.
+        """
+        arr, _, num_pages = self._full_pages(tokens)
+        key = self._put_session_key(arr, num_pages, contexts, tp_rank, tp_size)[2] if num_pages else None
+        with self._async_lock:
+            if self._put_worker is None:
+                self._put_worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="kvstore-put")
+            # keep what flush must report: puts not done yet and the failed ones
+            self._unflushed = [f for f in self._unflushed if not f.done() or f.exception() is not None]
+            future = self._put_worker.submit(
+                self._put_in_order, key, tokens, layer, kv, tp_rank, tp_size, contexts, reader_host
+            )
+            self._unflushed.append(future)
+        return future
+
+    def _put_in_order(
+        self,
+        key: SessionKey | None,
+        tokens: Any,
+        layer: int,
+        kv: Any,
+        tp_rank: int,
+        tp_size: int,
+        contexts: Sequence[bytes] | None,
+        reader_host: str,
+    ) -> int:
+        if key is not None and key in self._async_failed:
+            raise KVStoreError(
+                ErrorCode.SESSION_NOT_FOUND,
+                f"layer {layer} not written: an earlier async put of this sequence failed and aborted its put",
+            )
+        try:
+            return self.put_layer(
+                tokens, layer, kv, tp_rank, tp_size, contexts=contexts, reader_host=reader_host
+            )
+        except BaseException:
+            if key is not None:
+                self._async_failed.add(key)
+            raise
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Wait for every pending :meth:`put_layer_async`; raise the first error among them (in call order)."""
+        with self._async_lock:
+            pending, self._unflushed = self._unflushed, []
+        _, running = concurrent.futures.wait(pending, timeout)
+        if running:
+            with self._async_lock:
+                self._unflushed = [f for f in pending if not f.done()] + self._unflushed
+            raise KVStoreError(
+                ErrorCode.DEADLINE, f"{len(running)} async put(s) still running after {timeout} s"
+            )
+        self._async_failed.clear()
+        for future in pending:
+            error = future.exception()
+            if error is not None:
+                raise error
+
+    def _finish_async_puts(self) -> None:
+        """At close: let the queued async puts run out (their errors stay in their futures)."""
+        with self._async_lock:
+            worker, self._put_worker = self._put_worker, None
+        if worker is not None:
+            worker.shutdown(wait=True)
+            failed = [f for f in self._unflushed if f.exception() is not None]
+            if failed:
+                log.info("closing with %d failed async put(s): %s", len(failed), failed[0].exception())
 
     def abort(
         self, tokens: Any, tp_rank: int = 0, tp_size: int = 1, *, contexts: Sequence[bytes] | None = None
@@ -528,6 +694,35 @@ class KVStoreClient:
         response = self._master.call(
             "MatchPrefix",
             pb.MatchPrefixRequest(namespace=self.namespace, keys=self._page_keys(arr, num_pages, contexts)),
+        )
+        return min(int(response.num_pages), num_pages) * layout.page_size
+
+    def pin_prefix(self, tokens: Any, ttl_s: float, *, contexts: Sequence[bytes] | None = None) -> int:
+        """Keep the stored prefix of ``tokens`` out of eviction and demotion for ``ttl_s`` (tiers).
+
+        Bounded: the master caps the TTL (max_pin_ms).  Takes no lease.  Returns tokens pinned.
+        """
+        arr, layout, num_pages = self._full_pages(tokens)
+        if num_pages == 0:
+            return 0
+        response = self._master.call(
+            "PinPrefix",
+            pb.PinPrefixRequest(
+                namespace=self.namespace,
+                keys=self._page_keys(arr, num_pages, contexts),
+                ttl_ms=max(1, int(ttl_s * 1000)),
+            ),
+        )
+        return min(int(response.num_pages), num_pages) * layout.page_size
+
+    def unpin_prefix(self, tokens: Any, *, contexts: Sequence[bytes] | None = None) -> int:
+        """End a pin now (tiers); returns tokens unpinned."""
+        arr, layout, num_pages = self._full_pages(tokens)
+        if num_pages == 0:
+            return 0
+        response = self._master.call(
+            "UnpinPrefix",
+            pb.UnpinPrefixRequest(namespace=self.namespace, keys=self._page_keys(arr, num_pages, contexts)),
         )
         return min(int(response.num_pages), num_pages) * layout.page_size
 
@@ -593,8 +788,11 @@ class KVStoreClient:
         head_range = layout.check_heads(heads)
         shard = layout.shard_bytes(head_range)
         total = len(layer_list) * num_pages * shard
+        side = gpu_plane.caller_side(out, "out", layout, layer_list, head_range, num_pages, writable=True)
         if out is None:
             buffer = np.empty(total, dtype=np.uint8)
+        elif side is not None:  # GPU memory or an engine's paged pool
+            buffer = side.buffer
         else:
             buffer = byte_view(out, "out", writable=True)
             check_size(
@@ -606,7 +804,7 @@ class KVStoreClient:
             )
         data = buffer.reshape(len(layer_list), num_pages, shard)
         if num_pages == 0:
-            return PrefixHit(0, 0, layer_list, head_range, data)
+            return PrefixHit(0, 0, layer_list, head_range, data if side is None else side.hit_data(data, 0))
 
         page_keys = self._page_keys(arr, num_pages, contexts)
         if lease is None:
@@ -619,12 +817,75 @@ class KVStoreClient:
                 "",
             )
         try:
-            plan = CopyPlan(layout, layer_list, head_range, buffer, num_pages)
+            plan = CopyPlan(layout, layer_list, head_range, buffer, num_pages, None if side is None else side.gpu)
             found = self._read(response.placements, min(count, num_pages), plan)
         finally:
             if owned:
                 self._release_quietly(owned)
-        return PrefixHit(found, found * layout.page_size, layer_list, head_range, data[:, :found])
+        hit_data = data[:, :found] if side is None else side.hit_data(data, found)
+        return PrefixHit(found, found * layout.page_size, layer_list, head_range, hit_data)
+
+    def get_prefix_stream(
+        self,
+        tokens: Any,
+        layers: Sequence[int] | None = None,
+        heads: tuple[int, int] | None = None,
+        out: Any = None,
+        *,
+        wait_ms: int | None = None,
+        contexts: Sequence[bytes] | None = None,
+        lease_ms: int = 0,
+    ) -> PrefixStream:
+        """Read the prefix of ``tokens`` layer by layer while a prefill may still be writing it.
+
+        The master leases the leading pages that are complete or being written
+        (waiting up to ``wait_ms``, default the ``stream_wait_ms`` setting, for a
+        writer to open page 0) and pushes each layer's progress; this returns
+        once that first answer is in (``stream.num_pages``, ``stream.lease_id``).
+        Iterating the stream yields a :class:`~kvstore.client.types.LayerReady`
+        per wanted layer, in the order they become ready, once its bytes are in
+        ``out``; ``stream.wait_layer(layer)`` waits for one.  ``out`` follows
+        get_prefix's rule: ``[len(layers), num_full_pages, shard_bytes]`` bytes.
+        Pages whose writer went away before committing a wanted layer, or that
+        vanished during a read, end the hit there (``num_pages`` only shrinks).
+        ``stream.close()`` (or ``with``) cancels it and releases the lease; it
+        is released by itself once every layer is read.  Each wait for the next
+        update is bounded by ``rpc_timeout_ms``.
+        """
+        arr, layout, num_pages = self._full_pages(tokens)
+        layer_list = layout.check_layers(None if layers is None else list(layers))
+        if len(set(layer_list)) != len(layer_list):
+            raise KVStoreError(ErrorCode.BAD_RANGE, f"layers repeat: {layer_list}")
+        head_range = layout.check_heads(heads)
+        shard = layout.shard_bytes(head_range)
+        total = len(layer_list) * num_pages * shard
+        if out is None:
+            buffer = np.empty(total, dtype=np.uint8)
+        else:
+            buffer = byte_view(out, "out", writable=True)
+            check_size(
+                buffer,
+                total,
+                "out",
+                f"{len(layer_list)} layer(s) x {num_pages} full pages x {shard} bytes "
+                f"per shard of heads {head_range[0]}..{head_range[1]}",
+            )
+        if contexts is not None and len(contexts) < num_pages:
+            raise KVStoreError(
+                ErrorCode.INVALID_ARGUMENT, f"{len(contexts)} page contexts for {num_pages} pages"
+            )
+        wait = self.config.stream_wait_ms if wait_ms is None else wait_ms
+        if wait < 0 or lease_ms < 0:
+            raise KVStoreError(ErrorCode.INVALID_ARGUMENT, "wait_ms and lease_ms must not be negative")
+        request = pb.StreamPrefixRequest(
+            namespace=self.namespace,
+            keys=self._page_keys(arr, num_pages, contexts) if num_pages else b"",
+            lease_ms=lease_ms,
+            client_host=self._host,
+            wait_ms=wait,
+            layers=np.asarray(layer_list, dtype="<u2").tobytes(),
+        )
+        return PrefixStream(self, request, layout, layer_list, head_range, buffer, num_pages)
 
     def _describe(self, lease: LeaseRef) -> pb.AcquirePrefixResponse:
         if isinstance(lease, Lease):

@@ -38,6 +38,19 @@ class PrefixHit:
         return self.num_pages > 0
 
 
+@dataclass(frozen=True, eq=False)  # compare the data yourself: it is an array
+class LayerReady:
+    """One layer of a streamed prefix, read into the caller's ``out`` (:meth:`KVStoreClient.get_prefix_stream`).
+
+    ``data`` is ``[num_pages, shard_bytes]`` uint8, a view of ``out[index, :num_pages]``.
+    """
+
+    layer: int  # as numbered in the namespace
+    index: int  # position in the stream's ``layers`` (and in ``out``)
+    num_pages: int  # leading pages read for this layer
+    data: np.ndarray
+
+
 @dataclass(frozen=True)
 class Lease:
     """A read lease on matched pages: usable from any process by ``lease_id`` until released or expired."""

@@ -31,11 +31,13 @@ from kvstore.master.eviction import EvictionPolicy, LruLeavesFirst
 from kvstore.master.extras import ExtrasStore
 from kvstore.master.index import COMPLETE, DOOMED, FREE, ORPHAN, PENDING, ROOT, PageIndex
 from kvstore.master.leases import LeaseTable, ReadLease
-from kvstore.master.nodes import NO_NODE, NodeRecord, NodeRegistry
+from kvstore.master.nodes import NO_NODE, TIER_CODE, TIERS, NodeRecord, NodeRegistry
 from kvstore.master.notifier import Notifier, Sender
 from kvstore.master.placement import HostThenMostFree, NodeCandidate, PlacementStrategy
 from kvstore.master.rebuild import InventoryTable, complete_pages, first_of_each_key, parse_inventory
 from kvstore.master.sessions import PutSession, SessionTable
+from kvstore.master.streams import StreamTable
+from kvstore.master.tiering import Tiering
 from kvstore.metadata.base import NODE_DELETE, NODE_PUT, Leadership, MetadataBackend
 
 log = logging.getLogger("kvstore.master")
@@ -110,9 +112,11 @@ class Master:
         )
         self.sessions = SessionTable(self.index)
         self.leases = LeaseTable(self.index)
+        self.streams = StreamTable(self)  # StreamPrefix: leases on pages being written, woken by the hooks below
         self.extras = ExtrasStore(cfg.extras_budget)
         self.placement = placement or HostThenMostFree()
         self.eviction = eviction or LruLeavesFirst()
+        self.tiering = Tiering(self)  # tiers: watermarks, demotion/promotion, pins, drain
         self.notifier = Notifier(
             sender or self.nodes.send_updates,
             term=lambda: self.term,
@@ -229,6 +233,8 @@ class Master:
             side.cancel()
         if self._side_tasks:
             await asyncio.gather(*self._side_tasks, return_exceptions=True)
+        self.streams.close(KVStoreError(ErrorCode.UNAVAILABLE, "the master is stopping"))
+        await self.tiering.stop()
         await self.notifier.stop()
         if self.leading():
             # A clean stop hands its successor complete inventories: send what is still queued.
@@ -342,6 +348,15 @@ class Master:
         capacity = request.regions[0].capacity_bytes if request.regions else 0
         if capacity < 4096:
             raise KVStoreError(ErrorCode.INVALID_ARGUMENT, "a node needs a region of at least 4 KiB")
+        tiers = [r.tier or "dram" for r in request.regions]
+        if tiers[0] != "dram" or len(set(tiers)) != len(tiers) or not set(tiers) <= set(TIERS):
+            raise KVStoreError(
+                ErrorCode.INVALID_ARGUMENT,
+                f"regions must be one DRAM region first, then at most one of each other tier {TIERS}; got {tiers}",
+            )
+        if any(r.capacity_bytes < 4096 for r in request.regions):
+            raise KVStoreError(ErrorCode.INVALID_ARGUMENT, "every region needs at least 4 KiB")
+        self.tiering.check_registration(request.node_id, bytes(request.incarnation))
         self.check_leading()
         response = pb.RegisterNodeResponse(
             term=self.term,
@@ -355,31 +370,40 @@ class Master:
         if existing is not None:
             log.warning("node %s restarted: dropping the pages of its previous incarnation", request.node_id)
             self._drop_node(existing)
-        floor = 0
         departed = self.nodes.departed.get(request.node_id)
-        if departed is not None and departed.incarnation == request.incarnation:
-            # the same pool came back: its slots must not see a generation it has seen before
-            floor = int(departed.allocator.generations.max()) + 1
-        # Only the first region (DRAM today) is allocated from; more tiers come with tier moves.
-        allocator = RegionAllocator(capacity, self.cfg.arena_bytes, self.cfg.quarantine_s, self.clock, floor)
-        record = self.nodes.add(request, allocator)
-        record.ready = False  # not placed on until its old inventory is accounted for
+        comeback = departed is not None and departed.incarnation == request.incarnation
+        record: NodeRecord | None = None
+        for position, region in enumerate(request.regions):
+            floor = 0
+            if comeback and departed is not None:
+                # the same region came back: its slots must not see a generation it has seen before
+                for old in departed.regions or [departed]:
+                    if old.tier == tiers[position]:
+                        floor = int(old.allocator.generations.max()) + 1
+            allocator = RegionAllocator(
+                region.capacity_bytes, self.cfg.arena_bytes, self.cfg.quarantine_s, self.clock, floor
+            )
+            added = self.nodes.add(request, allocator, position, record)
+            added.ready = False  # not placed on until its old inventory is accounted for
+            record = record or added
+        assert record is not None
+        adopted = 0
         try:
-            comeback = departed is not None and departed.incarnation == request.incarnation
-            adopted = await self._adopt_inventory(record, comeback)
+            for region_record in record.regions:
+                adopted += await self._adopt_inventory(region_record, comeback)
         except BaseException:
             # Without its inventory we cannot tell its slots apart: forget it; it registers again.
             if self.nodes.by_index.get(record.index) is record:
-                self.nodes.remove(record)
-                self.notifier.drop(record.index)
+                self._drop_node(record, quiet=True)
                 if departed is not None:
                     self.nodes.departed[request.node_id] = departed
                 else:
                     self.nodes.departed.pop(request.node_id, None)
             raise
         finally:
-            record.ready = True
-            record.last_heartbeat = self.clock()
+            for region_record in record.regions:
+                region_record.ready = True
+                region_record.last_heartbeat = self.clock()
         log.info(
             "node %s registered (index %d, host %s, %d bytes, %d pages adopted)",
             record.node_id,
@@ -607,14 +631,22 @@ class Master:
             )
             self._drop_node(record)
 
-    def _drop_node(self, record: NodeRecord) -> int:
-        """A node incarnation is gone: every page it held goes (reads become misses), children become orphans."""
+    def _drop_node(self, record: NodeRecord, quiet: bool = False) -> int:
+        """A node incarnation is gone: every page it held goes (reads become misses), children become orphans.
+
+        Every region of the node goes with it (tiers: ``record`` may be any of them).
+        """
+        record = record.primary or record
+        regions = list(record.regions or [record])
         high = self.index.high
-        rows = np.flatnonzero((self.index.node[:high] == record.index) & (self.index.state[:high] != FREE))
+        indices = np.array([r.index for r in regions], dtype=np.uint16)
+        rows = np.flatnonzero(np.isin(self.index.node[:high], indices) & (self.index.state[:high] != FREE))
         self._forget_rows(rows)
-        self.notifier.drop(record.index)
-        self.nodes.remove(record)
-        log.warning("node %s (index %d) removed with %d pages", record.node_id, record.index, len(rows))
+        for region in regions:
+            self.notifier.drop(region.index)
+            self.nodes.remove(region)
+        if not quiet:
+            log.warning("node %s (index %d) removed with %d pages", record.node_id, record.index, len(rows))
         return len(rows)
 
     # ------------------------------------------------------------------ freeing
@@ -653,6 +685,7 @@ class Master:
         index = self.index
         if not len(rows):
             return
+        self.streams.rows_freed(rows)
         index.unlink(rows)
         ns_of = index.ns[rows]
         for ns_id in np.unique(ns_of).tolist():
@@ -708,20 +741,8 @@ class Master:
         return freed_bytes
 
     def _watermark_eviction(self) -> None:
-        """Background: a region fuller than the high watermark evicts towards the low one, a batch per tick."""
-        now = self.clock()
-        for record in list(self.nodes.by_index.values()):
-            allocator = record.allocator
-            if (
-                not record.alive
-                or record.warm_until > now
-                or allocator.used_fraction <= self.cfg.high_watermark
-            ):
-                continue
-            # quarantined bytes come back by themselves: only what is allocated needs evicting
-            need = allocator.allocated_bytes - int(self.cfg.low_watermark * allocator.capacity)
-            if need > 0:
-                self.evict(need, node=record.index, passes=EVICT_PASSES_PER_TICK)
+        """Background: a region fuller than its high watermark demotes or evicts towards its low one (tiers)."""
+        self.tiering.tick()
 
     # ------------------------------------------------------------------ put path
     def _lease_s(self, requested_ms: int, default_ms: int) -> float:
@@ -733,7 +754,13 @@ class Master:
         return [
             NodeCandidate(r.index, r.node_id, r.host_id, r.allocator.free_bytes, r.allocator.capacity)
             for r in self.nodes.by_index.values()
-            if r.alive and r.ready and r.warm_until <= now and not self.notifier.failing(r.index)
+            if r.alive
+            and r.ready
+            and r.warm_until <= now
+            and not self.notifier.failing(r.index)
+            # tiers: puts go to DRAM regions (the node's primary) of nodes not being drained
+            and r.primary is None
+            and not r.draining
         ]
 
     def _warming(self) -> list[NodeRecord]:
@@ -856,6 +883,8 @@ class Master:
             ns.ns_id, new_rows, all_keys[new_pos].tobytes(), node_of_new, slot_of_new, gen_of_new, now
         )
         ns.allocated_bytes += got * layout.slot_bytes
+        if got:
+            self.streams.pages_added(ns.ns_id)
         rows = rows.copy()
         rows[new_pos] = new_rows
 
@@ -1007,6 +1036,7 @@ class Master:
             done_rows = rows[complete]
             index.complete(done_rows, self.clock())
             completed = len(done_rows)
+            self.streams.rows_changed(ns.ns_id, rows)
         session.committed[layers] = True
         done = bool(session.committed.all())
         if done:
@@ -1017,7 +1047,7 @@ class Master:
         rows = self.sessions.abort(session_id)
         if rows is None:
             raise KVStoreError(ErrorCode.SESSION_NOT_FOUND, f"put session {session_id} is unknown or expired")
-        return self._free_rows(rows)
+        return self._free_rows(self.streams.keep_leased(rows))
 
     # ------------------------------------------------------------------ get path
     def _match(self, ns: Namespace, packed_keys: bytes) -> tuple[np.ndarray, int]:
@@ -1040,6 +1070,12 @@ class Master:
         await self._cover_lease(expires)
         rows, matched = self._match(ns, packed_keys)
         self._count_lookups(rows, matched)
+        if self.tiering.needs_promotion(rows[:matched]):
+            # tiers: NVMe pages are never handed out; promote them to DRAM, then match again
+            await self.tiering.promote_for_read(rows[:matched])
+            self.check_leading()
+            rows, matched = self._match(ns, packed_keys[: matched * KEY])
+            matched = self.tiering.readable_prefix(rows, matched)
         if matched == 0:
             return pb.AcquirePrefixResponse(
                 num_pages=0, placements=pb.Placements(slot_bytes=ns.layout.slot_bytes)
@@ -1063,6 +1099,9 @@ class Master:
 
     def _lease_response(self, lease: ReadLease, slot_bytes: int) -> pb.AcquirePrefixResponse:
         held = lease.valid_prefix(self.index)
+        # a stream's lease also holds pages still being written: only whole pages are described
+        whole = self.index.pend[lease.rows[:held]] < 0
+        held = held if whole.all() else int(np.argmin(whole))
         return pb.AcquirePrefixResponse(
             lease_id=lease.lease_id,
             num_pages=held,
@@ -1083,6 +1122,7 @@ class Master:
         unpinned = self.leases.release(lease_id)
         if unpinned is None:
             return False
+        self.streams.lease_released(lease_id)
         self._free_doomed(unpinned)
         return True
 
@@ -1091,10 +1131,31 @@ class Master:
             self._free_rows(unpinned[self.index.state[unpinned] == DOOMED])
 
     def pin(self, namespace: Namespace, packed_keys: bytes, ttl_s: float) -> int:
-        """Keep a matched prefix out of eviction for a bounded time (hot system prompts)."""
+        """Keep a matched prefix out of eviction and demotion for a bounded time (hot system prompts).
+
+        Capped by ``max_pin_ms``; matching updates recency but takes no lease.
+        """
         rows, matched = self._match(namespace, packed_keys)
-        until = self.clock() + min(ttl_s, self.cfg.max_lease_ms / 1000.0)
+        until = self.clock() + max(0.0, min(ttl_s, self.cfg.max_pin_ms / 1000.0))
         self.index.pin_until[rows[:matched]] = until
+        return matched
+
+    async def pin_prefix(self, namespace: str, packed_keys: bytes, ttl_ms: int) -> tuple[int, float]:
+        """PinPrefix: (pages pinned, pinned until, unix seconds)."""
+        if ttl_ms <= 0:
+            raise KVStoreError(ErrorCode.INVALID_ARGUMENT, "ttl_ms must be positive (pins are bounded)")
+        ns = await self.namespace(namespace)
+        self.check_leading()
+        ttl_s = min(ttl_ms, self.cfg.max_pin_ms) / 1000.0
+        return self.pin(ns, packed_keys, ttl_s), time.time() + ttl_s
+
+    async def unpin_prefix(self, namespace: str, packed_keys: bytes) -> int:
+        """UnpinPrefix: the matched prefix is evictable again now; returns pages unpinned."""
+        ns = await self.namespace(namespace)
+        self.check_leading()
+        rows = self.index.lookup(ns.ns_id, packed_keys)
+        matched = self.index.prefix_length(rows, self.nodes.alive)
+        self.index.pin_until[rows[:matched]] = 0.0
         return matched
 
     def _placements(self, rows: np.ndarray, slot_bytes: int, rights: int, expires: float) -> pb.Placements:
@@ -1154,25 +1215,38 @@ class Master:
     def node_statuses(self) -> list[pb.NodeStatus]:
         index = self.index
         high = index.high
-        complete = index.node[:high][index.state[:high] == COMPLETE].astype(np.int64)
+        done = index.state[:high] == COMPLETE
+        complete = index.node[:high][done].astype(np.int64)
         pages = np.bincount(complete, minlength=1 << 16)
+        # tiers: committed segments per region (complete pages x their layers)
+        segments = np.bincount(
+            complete, weights=index.layers_complete[:high][done].astype(np.float64), minlength=1 << 16
+        )
         now = self.clock()
         statuses = []
-        records = list(self.nodes.by_index.values()) + [
+        # one status per node (its primary record), a TierUsage per region
+        records = [r for r in self.nodes.by_index.values() if r.primary is None] + [
             r for r in self.nodes.departed.values() if r.node_id not in self.nodes.by_id
         ]
         for r in sorted(records, key=lambda rec: rec.node_id):
             alive = r.alive and self.nodes.by_index.get(r.index) is r
-            usage = pb.TierUsage(
-                tier=r.tier,
-                capacity_bytes=r.allocator.capacity,
-                allocated_bytes=r.allocator.allocated_bytes if alive else 0,
-                quarantined_bytes=r.allocator.quarantined_bytes if alive else 0,
-                pages=int(pages[r.index]) if alive else 0,
-                hits=r.hits,
-                lookups=r.lookups,
-                evictions=r.evictions,
-            )
+            usage = [
+                pb.TierUsage(
+                    tier=region.tier,
+                    capacity_bytes=region.allocator.capacity,
+                    allocated_bytes=region.allocator.allocated_bytes if alive else 0,
+                    quarantined_bytes=region.allocator.quarantined_bytes if alive else 0,
+                    pages=int(pages[region.index]) if alive else 0,
+                    hits=region.hits,
+                    lookups=region.lookups,
+                    evictions=region.evictions,
+                    demotions=region.demotions,
+                    promotions=region.promotions,
+                    segments=int(segments[region.index]) if alive else 0,
+                    draining=region.draining,
+                )
+                for region in (r.regions or [r])
+            ]
             statuses.append(
                 pb.NodeStatus(
                     node_id=r.node_id,
@@ -1181,7 +1255,7 @@ class Master:
                     data_address=r.data_address,
                     alive=alive,
                     last_heartbeat_age_s=max(0.0, now - r.last_heartbeat),
-                    tiers=[usage],
+                    tiers=usage,
                 )
             )
         return statuses
@@ -1205,18 +1279,43 @@ class Master:
             lookups=self.lookups,
         )
 
-    async def admin_evict(self, namespace: str, everything: bool) -> tuple[int, int]:
-        """Evict every page (of a namespace, or all) not held by a read lease, a live writer or a warm-up."""
-        if not namespace and not everything:
+    async def admin_evict(
+        self,
+        namespace: str,
+        everything: bool,
+        packed_keys: bytes = b"",
+        node_id: str = "",
+        tier: str = "",
+    ) -> tuple[int, int]:
+        """Evict every page in scope not held by a read lease, a live writer or a warm-up.
+
+        Scopes (tiers), combined: a namespace; a prefix (``packed_keys``, with its
+        namespace: those pages and every page extending them); a node; a tier.
+        """
+        if not (namespace or packed_keys or node_id or tier or everything):
             raise KVStoreError(
-                ErrorCode.INVALID_ARGUMENT, "name a namespace, or pass all=true to evict everything"
+                ErrorCode.INVALID_ARGUMENT,
+                "name a namespace, a prefix, a node or a tier, or pass all=true to evict everything",
             )
+        if packed_keys and not namespace:
+            raise KVStoreError(ErrorCode.INVALID_ARGUMENT, "a prefix to evict needs its namespace")
+        if tier and tier not in TIERS:
+            raise KVStoreError(ErrorCode.INVALID_ARGUMENT, f"tier must be one of {TIERS}, got {tier!r}")
         index = self.index
         high = index.high
         scope = (index.state[:high] == COMPLETE) | (index.state[:high] == PENDING)
         if namespace:
             ns = await self.namespace(namespace)
             scope &= index.ns[:high] == ns.ns_id
+            if packed_keys:
+                scope &= self._descendants(ns, packed_keys)
+        if node_id:
+            record = self.nodes.get(node_id)
+            if record is None:
+                raise KVStoreError(ErrorCode.NODE_NOT_FOUND, f"node {node_id!r} is not registered")
+            scope &= np.isin(index.node[:high], np.array([r.index for r in record.regions], dtype=np.uint16))
+        if tier:
+            scope &= self.nodes.tier_code[index.node[:high]] == TIER_CODE[tier]
         rows = np.flatnonzero(scope)
         held = index.lease_count[rows] > 0
         pending_rows = rows[index.state[rows] == PENDING]
@@ -1228,10 +1327,26 @@ class Master:
                 if table is not None:
                     writing[sel] = table.writers[index.pend[rows[sel]]] > 0
         # pages on warming nodes may be read under the previous leader's leases: they count as leased
-        skipped = held | writing | np.isin(rows, self._warming_rows())
+        # tiers: a live pin holds too (it is bounded: it runs out by itself)
+        pinned = index.pin_until[rows] > self.clock()
+        skipped = held | writing | pinned | np.isin(rows, self._warming_rows())
         self.check_leading()
         evicted = await self._free_in_chunks(rows[~skipped], evicted=True)
         return evicted, int(np.count_nonzero(skipped))
+
+    def _descendants(self, ns: Namespace, packed_keys: bytes) -> np.ndarray:
+        """Mask over index rows: the pages of a prefix that are stored, and every page extending them."""
+        index = self.index
+        high = index.high
+        found = index.lookup(ns.ns_id, packed_keys)
+        mask = np.zeros(high, dtype=bool)
+        frontier = found[found >= 0]
+        while len(frontier):
+            mask[frontier] = True
+            # children of the frontier (a chain is walked level by level, each level one numpy pass)
+            children = np.flatnonzero(np.isin(index.parent[:high], frontier) & (index.state[:high] != FREE))
+            frontier = children[~mask[children]]
+        return mask
 
     # ------------------------------------------------------------------ background
     def sweep(self) -> None:
@@ -1244,7 +1359,7 @@ class Master:
         for abandoned in self.sessions.expire(now):
             if len(abandoned):
                 log.info("reclaiming %d pages of an expired put session", len(abandoned))
-                self._free_rows(abandoned)
+                self._free_rows(self.streams.keep_leased(abandoned))
         for record in list(self.nodes.by_index.values()):
             record.allocator.reclaim(now)
         for record in self.nodes.overdue(now):

@@ -29,6 +29,9 @@ log = logging.getLogger("kvstore.master.nodes")
 
 MAX_NODES = 1 << 16
 NO_NODE = 0xFFFF
+# tiers: the tier of each registry index, as a small code (NodeRegistry.tier_code)
+TIERS = ("dram", "nvme", "vram")
+TIER_CODE = {name: code for code, name in enumerate(TIERS)}
 
 
 @dataclass
@@ -53,6 +56,14 @@ class NodeRecord:
     hits: int = 0
     lookups: int = 0
     evictions: int = 0
+    # tiers: a node process owns up to three regions, each a record of its own (its own registry
+    # index, allocator and page-index column value).  The DRAM record is the node's primary: it
+    # heartbeats, holds the channel and lists every region (itself first) in ``regions``.
+    primary: NodeRecord | None = field(default=None, repr=False)
+    regions: list[NodeRecord] = field(default_factory=list, repr=False)
+    draining: bool = False
+    demotions: int = 0
+    promotions: int = 0
     channel: grpc.aio.Channel | None = field(default=None, repr=False)
     stub: pb_grpc.NodeStub | None = field(default=None, repr=False)
 
@@ -86,6 +97,7 @@ class NodeRegistry:
         self.departed: dict[str, NodeRecord] = {}
         self.alive = np.zeros(MAX_NODES, dtype=bool)
         self._free_indices = list(range(MAX_NODES - 2, -1, -1))  # NO_NODE is never an index
+        self.tier_code = np.zeros(MAX_NODES, dtype=np.uint8)  # TIER_CODE of each index
 
     def __len__(self) -> int:
         return len(self.by_index)
@@ -96,14 +108,23 @@ class NodeRegistry:
     def get(self, node_id: str) -> NodeRecord | None:
         return self.by_id.get(node_id)
 
-    def add(self, request: pb.RegisterNodeRequest, allocator: RegionAllocator) -> NodeRecord:
-        """Register a new incarnation (the caller has removed any previous one of this node id)."""
+    def add(
+        self,
+        request: pb.RegisterNodeRequest,
+        allocator: RegionAllocator,
+        region: int = 0,
+        primary: NodeRecord | None = None,
+    ) -> NodeRecord:
+        """Register a new incarnation (the caller has removed any previous one of this node id).
+
+        ``region`` > 0: another region of ``primary``'s node (tiers).
+        """
         if not self._free_indices:
             raise KVStoreError(
                 ErrorCode.TOO_LARGE, f"more than {MAX_NODES - 1} node incarnations are registered"
             )
         now = self._clock()
-        tier = request.regions[0].tier if request.regions else "dram"
+        tier = request.regions[region].tier if request.regions else "dram"
         record = NodeRecord(
             index=self._free_indices.pop(),
             node_id=request.node_id,
@@ -120,9 +141,15 @@ class NodeRegistry:
             last_heartbeat=now,
         )
         self.by_index[record.index] = record
+        self.alive[record.index] = True
+        self.tier_code[record.index] = TIER_CODE.get(tier, 0)
+        if primary is not None:
+            record.primary = primary
+            primary.regions.append(record)
+            return record
+        record.regions = [record]
         self.by_id[record.node_id] = record
         self.departed.pop(record.node_id, None)
-        self.alive[record.index] = True
         return record
 
     def remove(self, record: NodeRecord) -> None:
@@ -130,6 +157,9 @@ class NodeRegistry:
         record.alive = False
         self.alive[record.index] = False
         self.by_index.pop(record.index, None)
+        if record.primary is not None:  # another region of a node: the primary keeps identity and channel
+            self._free_indices.append(record.index)
+            return
         if self.by_id.get(record.node_id) is record:
             del self.by_id[record.node_id]
         self.departed[record.node_id] = record
@@ -145,15 +175,22 @@ class NodeRegistry:
         record = self.by_id.get(node_id)
         if record is None or record.incarnation != incarnation or not record.alive:
             return False
-        record.last_heartbeat = self._clock()
+        now = self._clock()
+        for region in record.regions or [record]:
+            region.last_heartbeat = now
         return True
 
     def overdue(self, now: float) -> list[NodeRecord]:
         """Live nodes silent for longer than the node TTL."""
-        return [n for n in self.by_index.values() if n.alive and now - n.last_heartbeat > self.node_ttl_s]
+        return [
+            n
+            for n in self.by_index.values()
+            if n.alive and n.primary is None and now - n.last_heartbeat > self.node_ttl_s
+        ]
 
     # -- talking to nodes
     def stub(self, record: NodeRecord) -> pb_grpc.NodeStub:
+        record = record.primary or record  # one channel per node process, whatever the region
         if record.stub is None:
             options = [
                 ("grpc.max_send_message_length", self._max_message_bytes),
@@ -167,10 +204,13 @@ class NodeRegistry:
         record = self.by_index.get(index)
         if record is None:
             return  # gone: its slots went with it
+        if record.primary is not None:
+            updates.tier = record.tier
         await self.stub(record).ApplySlotUpdates(updates, timeout=self.rpc_timeout_s)
 
     async def inventory(self, record: NodeRecord) -> pb.InventoryResponse:
-        return await self.stub(record).GetInventory(pb.InventoryRequest(), timeout=self.rpc_timeout_s)
+        request = pb.InventoryRequest(tier=record.tier if record.primary is not None else "")
+        return await self.stub(record).GetInventory(request, timeout=self.rpc_timeout_s)
 
     async def close(self) -> None:
         for record in list(self.by_index.values()):

@@ -9,6 +9,9 @@ naming the leader, and Admin ListNodes / GetConfig on any master.
 
 from __future__ import annotations
 
+import logging
+from collections.abc import AsyncIterator
+
 import grpc
 import numpy as np
 
@@ -18,6 +21,8 @@ from kvstore.errors import ErrorCode, KVStoreError, grpc_errors
 from kvstore.keys import KEY_BYTES
 from kvstore.master.core import Master
 from kvstore.master.role import MasterRole
+
+log = logging.getLogger("kvstore.master")
 
 MAX_NAME_BYTES = 256
 MAX_EXTRA_NAME = 256
@@ -174,6 +179,48 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
         master = await self.role.master()
         return pb.ReleaseLeaseResponse(released=master.release_lease(request.lease_id))
 
+    async def StreamPrefix(
+        self, request: pb.StreamPrefixRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.StreamPrefixUpdate]:
+        """Layer streaming (kvstore.master.streams).  Every problem is a status in the last message."""
+        try:
+            master = await self.role.master()
+            packed = _keys(request.keys, self.max_pages, allow_empty=False)
+            layers = _packed(request.layers, "<u2", "layers")
+            async for update in master.streams.stream(
+                _name(request.namespace),
+                packed,
+                layers,
+                lease_ms=request.lease_ms,
+                client_host=request.client_host,
+                wait_ms=request.wait_ms,
+            ):
+                yield update
+        except KVStoreError as exc:
+            message = f"{exc.message} (leader: {exc.leader})" if exc.leader else exc.message
+            yield pb.StreamPrefixUpdate(code=exc.code.name, message=message)
+        except Exception as exc:  # noqa: BLE001 - the boundary of a request: only this stream ends
+            log.exception("unhandled error in StreamPrefix")
+            yield pb.StreamPrefixUpdate(code=ErrorCode.INTERNAL.name, message=f"{type(exc).__name__}: {exc}")
+
+    # -- tiers
+    @grpc_errors
+    async def PinPrefix(
+        self, request: pb.PinPrefixRequest, context: grpc.aio.ServicerContext
+    ) -> pb.PinPrefixResponse:
+        master = await self.role.master()
+        packed = _keys(request.keys, self.max_pages, allow_empty=False)
+        pages, until = await master.pin_prefix(_name(request.namespace), packed, request.ttl_ms)
+        return pb.PinPrefixResponse(num_pages=pages, pinned_until_unix_ms=int(until * 1000) if pages else 0)
+
+    @grpc_errors
+    async def UnpinPrefix(
+        self, request: pb.UnpinPrefixRequest, context: grpc.aio.ServicerContext
+    ) -> pb.PinPrefixResponse:
+        master = await self.role.master()
+        packed = _keys(request.keys, self.max_pages, allow_empty=False)
+        return pb.PinPrefixResponse(num_pages=await master.unpin_prefix(_name(request.namespace), packed))
+
     def _extra_key(self, namespace: str, digest: bytes, name: str) -> tuple[str, bytes, str]:
         if len(digest) != 16:
             raise KVStoreError(ErrorCode.INVALID_ARGUMENT, "sequence_digest must be 16 bytes")
@@ -244,8 +291,20 @@ class AdminServicer(pb_grpc.AdminServicer):
     @grpc_errors
     async def Evict(self, request: pb.EvictRequest, context: grpc.aio.ServicerContext) -> pb.EvictResponse:
         master = await self.role.master()
-        evicted, skipped = await master.admin_evict(request.namespace, request.all)
+        packed = _keys(request.keys, master.cfg.max_request_pages)
+        evicted, skipped = await master.admin_evict(
+            request.namespace, request.all, packed, request.node_id, request.tier
+        )
         return pb.EvictResponse(pages_evicted=evicted, pages_skipped_leased=skipped)
+
+    @grpc_errors
+    async def DrainNode(
+        self, request: pb.DrainNodeRequest, context: grpc.aio.ServicerContext
+    ) -> pb.DrainNodeResponse:
+        master = await self.role.master()
+        if not request.node_id or len(request.node_id) > 256:
+            raise KVStoreError(ErrorCode.INVALID_ARGUMENT, "node_id must be 1-256 characters")
+        return await master.tiering.drain(request.node_id, force=request.force, cancel=request.cancel)
 
     @grpc_errors
     async def GetConfig(

@@ -35,9 +35,10 @@ from kvstore.metadata import MetadataBackend, NodeRegistration, create_backend
 from kvstore.node.data_server import DataServer, open_listener
 from kvstore.node.inventory import Inventory
 from kvstore.node.master_link import MasterLink
+from kvstore.node.moves import Mover, Region
 from kvstore.node.service import NodeService
 from kvstore.node.state import NodeState
-from kvstore.tiers.base import SLOT_UNIT
+from kvstore.tiers.base import SLOT_UNIT, Tier
 from kvstore.tiers.dram import DramPool
 
 log = logging.getLogger("kvstore.node")
@@ -140,6 +141,14 @@ async def run_node(cfg: config.Config) -> None:
 
         state = NodeState(node_id, pool.header.incarnation, secret)
         inventory = Inventory(pool.capacity_bytes)
+        regions = {"dram": Region(pool, inventory)}
+        region_infos = [pb.RegionInfo(tier=pool.tier, capacity_bytes=pool.capacity_bytes)]
+        for extra in await open_extra_tiers(cfg, node_id):
+            cleanup.callback(extra.close, True)
+            regions[extra.tier] = Region(extra, Inventory(extra.capacity_bytes))
+            region_infos.append(extra_region_info(extra))
+        mover = Mover(state, regions, cfg.copy_threads, cfg.rpc_timeout_ms / 1000.0)
+        cleanup.callback(mover.close)
         data_server = DataServer(
             listener, pool, inventory, state, cfg.max_message_bytes * DATA_REQUEST_FACTOR, cfg.copy_threads
         )
@@ -151,7 +160,9 @@ async def run_node(cfg: config.Config) -> None:
                 ("grpc.so_reuseport", 0),
             ]
         )
-        pb_grpc.add_NodeServicer_to_server(NodeService(state, pool, inventory, data_server.stats), server)
+        pb_grpc.add_NodeServicer_to_server(
+            NodeService(state, pool, inventory, data_server.stats, mover), server
+        )
         control_port = server.add_insecure_port(join_host_port(cfg.host, cfg.node_port))
         await server.start()
         cleanup.push_async_callback(server.stop, SHUTDOWN_GRACE_S)
@@ -170,7 +181,7 @@ async def run_node(cfg: config.Config) -> None:
             pool_path=pool.path,
             pool_data_offset=pool.header.data_offset,
             pool_bytes=pool.header.data_offset + pool.header.data_bytes,
-            regions=[pb.RegionInfo(tier=pool.tier, capacity_bytes=pool.capacity_bytes)],
+            regions=region_infos,
         )
 
         def announce(_: pb.RegisterNodeResponse) -> None:
@@ -218,6 +229,36 @@ async def run_node(cfg: config.Config) -> None:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         log.info("node %s stopping", node_id)
+
+
+async def open_extra_tiers(cfg: config.Config, node_id: str) -> list[Tier]:
+    """The NVMe and VRAM regions the flags ask for (VRAM without CUDA: one log line, no region)."""
+    extra: list[Tier] = []
+    if cfg.vram.strip():
+        from kvstore.tiers import vram
+
+        capacity, device = vram.parse_spec(cfg.vram)
+        region = await asyncio.to_thread(vram.open_region, capacity, device)
+        if region is not None:
+            extra.append(region)
+    if cfg.nvme.strip():
+        from kvstore.tiers.nvme import NvmeRegion, parse_spec
+
+        capacity, directory = parse_spec(cfg.nvme)
+        extra.append(
+            await asyncio.to_thread(
+                NvmeRegion.create, directory, node_id, capacity, cfg.nvme_direct, cfg.nvme_io_threads
+            )
+        )
+    return extra
+
+
+def extra_region_info(region: Tier) -> pb.RegionInfo:
+    info = pb.RegionInfo(tier=region.tier, capacity_bytes=region.capacity_bytes)
+    if region.tier == "vram":
+        info.ipc_handle = region.ipc_handle  # type: ignore[attr-defined]
+        info.device = region.device  # type: ignore[attr-defined]
+    return info
 
 
 def main() -> None:

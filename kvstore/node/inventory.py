@@ -405,6 +405,20 @@ class Inventory:
         frees nothing; kvstore.master.rebuild reads it as that floor.
         """
         rows = np.flatnonzero(self._live[: self._high])
+        msg = self._records(rows, term)
+        if self.highest_generation:
+            msg.free_slots = np.zeros(1, dtype="<u8").tobytes()
+            msg.free_generations = np.array([self.highest_generation], dtype="<u4").tobytes()
+        return msg
+
+    def describe(self, slot_offsets: np.ndarray, term: int = 0) -> pb.SlotUpdates:
+        """Assignments and commits of the named slots (unassigned ones left out): what a copy needs."""
+        self.check_slots(slot_offsets, "describe")
+        rows = self._row_of_unit[(np.asarray(slot_offsets, dtype=np.uint64) // SLOT_UNIT).astype(np.int64)]
+        return self._records(np.unique(rows[rows >= 0]).astype(np.int64), term)
+
+    def _records(self, rows: np.ndarray, term: int) -> pb.SlotUpdates:
+        """Rows as assignments plus their valid layer commits, in slot order."""
         order = np.argsort(self._slot[rows], kind="stable")
         rows = rows[order]
         used_ns = np.unique(self._ns[rows]) if len(rows) else np.zeros(0, np.uint16)
@@ -416,6 +430,7 @@ class Inventory:
         sizes = self._size[rows].astype("<u8")
         ns_rows = remap[self._ns[rows]].astype("<u2")
         log = self._valid_log()
+        log = log.take(np.isin(log.rows, rows))
         commits = np.zeros((len(log), 5), dtype=np.uint64)
         commits[:, 0] = self._slot[log.rows.astype(np.int64)]
         commits[:, 1] = log.layers
@@ -435,8 +450,4 @@ class Inventory:
             commit_layers=commits[:, 1].astype("<u2").tobytes(),
             commit_heads=commits[:, 2:4].astype("<u2").tobytes(),
             commit_checksums=commits[:, 4].astype("<u8").tobytes(),
-            free_slots=np.zeros(1, dtype="<u8").tobytes() if self.highest_generation else b"",
-            free_generations=np.array([self.highest_generation], dtype="<u4").tobytes()
-            if self.highest_generation
-            else b"",
         )

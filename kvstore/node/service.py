@@ -12,6 +12,7 @@ from kvstore._proto import kvstore_pb2_grpc as pb_grpc
 from kvstore.errors import ErrorCode, KVStoreError, grpc_errors
 from kvstore.node.data_server import DataStats
 from kvstore.node.inventory import KEY_BYTES, Inventory
+from kvstore.node.moves import Mover, Region
 from kvstore.node.state import NodeState
 from kvstore.tiers.base import Tier
 
@@ -41,11 +42,24 @@ def _same_length(what: str, *tables: np.ndarray) -> int:
 class NodeService(pb_grpc.NodeServicer):
     """Applies the master's slot updates to the tier's generation table and the inventory."""
 
-    def __init__(self, state: NodeState, tier: Tier, inventory: Inventory, data_stats: DataStats) -> None:
+    def __init__(
+        self,
+        state: NodeState,
+        tier: Tier,
+        inventory: Inventory,
+        data_stats: DataStats,
+        mover: Mover | None = None,
+    ) -> None:
         self._state = state
         self._tier = tier
         self._inventory = inventory
         self._data_stats = data_stats
+        # tiers: every region of the node by tier name ("dram" is the pool above)
+        self._mover = mover or Mover(state, {tier.tier: Region(tier, inventory)})
+
+    def _region(self, tier: str) -> tuple[Tier, Inventory]:
+        region = self._mover.region(tier)
+        return region.tier, region.inventory
 
     @grpc_errors
     async def ApplySlotUpdates(
@@ -78,11 +92,11 @@ class NodeService(pb_grpc.NodeServicer):
         f_slots = _packed(request.free_slots, "<u8", "free_slots")
         f_gens = _packed(request.free_generations, "<u4", "free_generations")
         _same_length("free", f_slots, f_gens)
+        tier, inventory = self._region(request.tier)
         for what, slots in (("assignment", a_slots), ("commit", c_slots), ("free", f_slots)):
-            self._inventory.check_slots(slots, what)
+            inventory.check_slots(slots, what)
 
         self._state.observe_term(request.term)
-        inventory, tier = self._inventory, self._tier
         namespaces = list(request.namespaces)
         # Assign: record first, then publish the generation, so a writer whose grant
         # matches the new generation always finds the slot's size in the inventory.
@@ -109,10 +123,12 @@ class NodeService(pb_grpc.NodeServicer):
     async def GetInventory(
         self, request: pb.InventoryRequest, context: grpc.aio.ServicerContext
     ) -> pb.InventoryResponse:
+        tier, inventory = self._region(request.tier)
         return pb.InventoryResponse(
             node_id=self._state.node_id,
             incarnation=self._state.incarnation,
-            slots=self._inventory.snapshot(self._state.highest_term),
+            slots=inventory.snapshot(self._state.highest_term),
+            tier=tier.tier,
         )
 
     @grpc_errors
@@ -120,17 +136,37 @@ class NodeService(pb_grpc.NodeServicer):
         self, request: pb.NodeStatsRequest, context: grpc.aio.ServicerContext
     ) -> pb.NodeStatsResponse:
         stats = self._data_stats
-        return pb.NodeStatsResponse(
-            node_id=self._state.node_id,
-            tiers=[
+        tiers = []
+        for region in self._mover.regions.values():
+            served = region.tier is self._tier  # the data server serves the DRAM pool only
+            tiers.append(
                 pb.TierStats(
-                    tier=self._tier.tier,
-                    capacity_bytes=self._tier.capacity_bytes,
-                    used_bytes=self._inventory.used_bytes,
-                    slots_in_use=len(self._inventory),
-                    bytes_written=stats.bytes_written,
-                    bytes_read=stats.bytes_read,
-                    grant_rejections=stats.grant_rejections,
+                    tier=region.tier.tier,
+                    capacity_bytes=region.tier.capacity_bytes,
+                    used_bytes=region.inventory.used_bytes,
+                    slots_in_use=len(region.inventory),
+                    bytes_written=stats.bytes_written if served else getattr(region.tier, "bytes_written", 0),
+                    bytes_read=stats.bytes_read if served else getattr(region.tier, "bytes_read", 0),
+                    grant_rejections=stats.grant_rejections if served else 0,
                 )
-            ],
-        )
+            )
+        return pb.NodeStatsResponse(node_id=self._state.node_id, tiers=tiers)
+
+    # -- tiers
+    @grpc_errors
+    async def MoveSlots(
+        self, request: pb.MoveSlotsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.MoveSlotsResponse:
+        return await self._mover.move(request)
+
+    @grpc_errors
+    async def PullSlots(
+        self, request: pb.PullSlotsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.MoveSlotsResponse:
+        return await self._mover.pull(request)
+
+    @grpc_errors
+    async def DescribeSlots(
+        self, request: pb.DescribeSlotsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.SlotUpdates:
+        return self._mover.describe(request)

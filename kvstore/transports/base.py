@@ -16,9 +16,9 @@ from __future__ import annotations
 import contextlib
 import functools
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -27,6 +27,7 @@ from kvstore.errors import ErrorCode, KVStoreError
 from kvstore.layout import Layout, copy_table
 
 NO_NODE = 0xFFFF
+RunHashes = np.ndarray | Callable[[], np.ndarray]
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,9 @@ class CopyPlan:
     heads: tuple[int, int]
     buffer: np.ndarray  # flat uint8 view of [len(layers)][num_pages][shard_bytes]
     num_pages: int
+    # The GPU side (kvstore.gpu.transfer.GpuPlan) when the caller's bytes are on a GPU; ``buffer``
+    # is then an empty placeholder and transports hand the batch to kvstore.gpu.transfer.
+    device: Any = None
     shard_bytes: int = field(init=False)
     runs_per_shard: int = field(init=False)
 
@@ -60,6 +64,8 @@ class CopyPlan:
         object.__setattr__(self, "shard_bytes", self.layout.shard_bytes(self.heads))
         object.__setattr__(self, "runs_per_shard", len(self.layout.shard_runs(self.heads)))
         expected = len(self.layers) * self.num_pages * self.shard_bytes
+        if self.device is not None:
+            return
         if self.buffer.dtype != np.uint8 or self.buffer.ndim != 1 or self.buffer.size != expected:
             raise KVStoreError(
                 ErrorCode.BAD_SIZE, f"copy buffer must be {expected} flat bytes, got {self.buffer.shape}"
@@ -174,10 +180,13 @@ class Transport(ABC):
     name: ClassVar[str]
 
     @abstractmethod
-    def write(self, batch: NodeBatch, plan: CopyPlan) -> np.ndarray:
+    def write(self, batch: NodeBatch, plan: CopyPlan) -> RunHashes:
         """Write the plan's bytes of the batch's pages; return xxh3_64 per run, shaped [layers, pages, runs].
 
-        Raises KVStoreError when any byte may not have landed.
+        Raises KVStoreError when any byte may not have landed.  A transport may
+        return a zero-argument callable instead, which computes the hashes later
+        (a GPU write hashes the landed bytes off the copy's timing); the client
+        calls it once, off the caller's thread.
         """
 
     @abstractmethod

@@ -18,8 +18,9 @@ import numpy as np
 
 from kvstore import native
 from kvstore.errors import ErrorCode, KVStoreError
+from kvstore.gpu import release_host_memory
 from kvstore.tiers.dram import DramPool
-from kvstore.transports.base import CopyPlan, NodeBatch, Transport, check_batch
+from kvstore.transports.base import CopyPlan, NodeBatch, RunHashes, Transport, check_batch
 
 log = logging.getLogger("kvstore.transports.shm")
 
@@ -70,6 +71,7 @@ class ShmTransport(Transport):
             if self._closed:
                 return
             self._closed = True
+        release_host_memory(self.pool.base_address)  # registered with CUDA if a GPU write used it
         self.pool.close(unlink=False)
 
     def file_removed(self) -> bool:
@@ -84,7 +86,7 @@ class ShmTransport(Transport):
         check_batch(batch, plan.layout)
         self.pool.check_range(batch.slot_offsets, np.full(len(batch), batch.slot_bytes, dtype=np.uint64))
 
-    def write(self, batch: NodeBatch, plan: CopyPlan) -> np.ndarray:
+    def write(self, batch: NodeBatch, plan: CopyPlan) -> RunHashes:
         self._check_slots(batch, plan)
         current = self.pool.generation(batch.slot_offsets)
         if not np.array_equal(current, batch.generations):
@@ -92,6 +94,10 @@ class ShmTransport(Transport):
                 ErrorCode.SESSION_NOT_FOUND,
                 f"slots on node {batch.node.node_id} were freed or reassigned: the put session was lost",
             )
+        if plan.device is not None:  # GPU memory: one kernel into the registered pool
+            from kvstore.gpu import transfer
+
+            return transfer.shm_write(self, batch, plan, self._threads)
         slot_addrs = np.uint64(self.pool.data_address) + batch.slot_offsets
         table = plan.table(batch, slot_addrs, to_slots=True, buf_addr=plan.address)
         hashes = native.copy(table.reshape(-1, 3), with_hashes=True, threads=self._threads)
@@ -100,9 +106,14 @@ class ShmTransport(Transport):
 
     def read(self, batch: NodeBatch, plan: CopyPlan) -> int:
         self._check_slots(batch, plan)
-        slot_addrs = np.uint64(self.pool.data_address) + batch.slot_offsets
-        table = plan.table(batch, slot_addrs, to_slots=False, buf_addr=plan.address)
-        native.copy(table.reshape(-1, 3), threads=self._threads)
+        if plan.device is not None:  # GPU memory: one kernel from the registered pool, completed here
+            from kvstore.gpu import transfer
+
+            transfer.shm_read(self, batch, plan)
+        else:
+            slot_addrs = np.uint64(self.pool.data_address) + batch.slot_offsets
+            table = plan.table(batch, slot_addrs, to_slots=False, buf_addr=plan.address)
+            native.copy(table.reshape(-1, 3), threads=self._threads)
         # Re-read after the copy: a slot whose generation moved held someone else's bytes at some point.
         after = self.pool.generation(batch.slot_offsets)
         changed = np.flatnonzero(after != batch.generations)

@@ -121,6 +121,10 @@ class TcpTransport(Transport):
         self._connections.close()
 
     def write(self, batch: NodeBatch, plan: CopyPlan) -> np.ndarray:
+        if plan.device is not None:  # GPU memory: staged through a pinned host buffer
+            from kvstore.gpu import transfer
+
+            return transfer.staged_write(self, batch, plan)
         check_batch(batch, plan.layout)
         ops, buf_offsets = plan.slot_ops(batch)
         lengths = ops[:, 2]
@@ -160,6 +164,10 @@ class TcpTransport(Transport):
             raise
 
     def read(self, batch: NodeBatch, plan: CopyPlan) -> int:
+        if plan.device is not None:
+            from kvstore.gpu import transfer
+
+            return transfer.staged_read(self, batch, plan)
         check_batch(batch, plan.layout)
         ops, buf_offsets = plan.slot_ops(batch)
         lengths = ops[:, 2]

@@ -1,0 +1,124 @@
+"""The GPU copy engine: native/gpu_kernels.cu compiled with NVRTC at first use, once per device.
+
+One :class:`GpuEngine` per device holds the compiled module and a non-blocking
+stream of its own.  Every transfer is one launch over a packed op table (all
+segments of a layer batch, or of many layers); the table goes to the device on
+the same stream.  Imports CuPy: only loaded when a GPU array is actually passed.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import pathlib
+import threading
+
+import cupy
+import numpy as np
+
+THREADS = 512
+BLOCKS_PER_SM = 2  # measured on an H100 (bench/gpu/bench_gpu.py sweep): 512 x 2 is among the best both ways
+SPLIT_BYTES = 1 << 20  # ops longer than this are split, so that one long op never idles the grid
+
+_engines: dict[int, GpuEngine] = {}
+_lock = threading.Lock()
+
+
+def kernel_source() -> str:
+    """native/gpu_kernels.cu: shipped inside the package, or read from the checkout."""
+    packaged = importlib.resources.files("kvstore.gpu").joinpath("gpu_kernels.cu")
+    if packaged.is_file():
+        return packaged.read_text()
+    checkout = pathlib.Path(__file__).resolve().parents[2] / "native" / "gpu_kernels.cu"
+    return checkout.read_text()
+
+
+def engine_for(device: int) -> GpuEngine:
+    with _lock:
+        engine = _engines.get(device)
+        if engine is None:
+            engine = _engines[device] = GpuEngine(device)
+        return engine
+
+
+def split_long(table: np.ndarray, limit: int = SPLIT_BYTES) -> np.ndarray:
+    """(dst, src, len) rows with every row longer than ``limit`` cut into ``limit``-byte pieces."""
+    lengths = table[:, 2]
+    if not len(table) or int(lengths.max()) <= limit:
+        return table
+    pieces = ((lengths + np.uint64(limit - 1)) // np.uint64(limit)).astype(np.int64)
+    index = np.repeat(np.arange(len(table)), pieces)
+    starts = np.cumsum(pieces) - pieces
+    k = (np.arange(int(pieces.sum()), dtype=np.int64) - np.repeat(starts, pieces)).astype(np.uint64)
+    offset = k * np.uint64(limit)
+    out = np.empty((len(index), 3), dtype=np.uint64)
+    out[:, 0] = table[index, 0] + offset
+    out[:, 1] = table[index, 1] + offset
+    out[:, 2] = np.minimum(table[index, 2] - offset, np.uint64(limit))
+    return out
+
+
+class GpuEngine:
+    """Kernels and a stream on one device."""
+
+    def __init__(self, device: int) -> None:
+        self.device = device
+        with cupy.cuda.Device(device):
+            module = cupy.RawModule(code=kernel_source(), options=("--std=c++17",))
+            self._segments = module.get_function("kvs_copy_segments")
+            self._rows = module.get_function("kvs_copy_rows")
+            self.stream = cupy.cuda.Stream(non_blocking=True)
+            sms = cupy.cuda.runtime.getDeviceProperties(device)["multiProcessorCount"]
+        self._sms = int(sms)
+        self.configure(THREADS, BLOCKS_PER_SM)
+        self._lock = threading.Lock()  # one transfer at a time per device: the stream is shared
+        self._keep: cupy.ndarray | None = None
+
+    def configure(self, threads: int, blocks_per_sm: int) -> None:
+        """Launch shape: threads per block, and blocks per SM at most (benchmarks tune it)."""
+        self.threads = threads
+        self._max_blocks = self._sms * blocks_per_sm
+
+    def __enter__(self) -> GpuEngine:
+        self._lock.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._lock.release()
+
+    def wait_for(self, producer_stream: int | None) -> None:
+        """Order this engine's stream after work the producer queued on ``producer_stream``."""
+        if producer_stream is None:
+            return
+        with cupy.cuda.Device(self.device):
+            event = cupy.cuda.Event(disable_timing=True)
+            event.record(cupy.cuda.ExternalStream(int(producer_stream)))
+            self.stream.wait_event(event)
+
+    def _launch(self, kernel: cupy.RawKernel, table: np.ndarray, width: int) -> None:
+        n = len(table)
+        if n == 0:
+            return
+        packed = np.ascontiguousarray(table, dtype=np.uint64).reshape(n, width)
+        with cupy.cuda.Device(self.device), self.stream:
+            ops = cupy.asarray(packed)  # on this stream, ordered before the launch
+            grid = min(n, self._max_blocks)
+            kernel((grid,), (self.threads,), (ops, np.int64(n)), stream=self.stream)
+            self._keep = ops  # the table must outlive the kernel: freed at the next launch or sync
+
+    def copy_segments(self, table: np.ndarray) -> None:
+        """Queue one launch moving every (dst, src, len) row (device or registered host pointers)."""
+        self._launch(self._segments, split_long(np.asarray(table, dtype=np.uint64).reshape(-1, 3)), 3)
+
+    def copy_rows(self, table: np.ndarray) -> None:
+        """Queue one launch over (dst, src, row_bytes, rows, dst_pitch, src_pitch) rows."""
+        self._launch(self._rows, table, 6)
+
+    def memcpy(self, dst: int, src: int, nbytes: int) -> None:
+        """One cudaMemcpyAsync on this stream (contiguous staging)."""
+        with cupy.cuda.Device(self.device):
+            cupy.cuda.runtime.memcpyAsync(dst, src, nbytes, cupy.cuda.runtime.memcpyDefault, self.stream.ptr)
+
+    def sync(self) -> None:
+        """Wait until everything queued has finished (before a generation check, a hash, a return)."""
+        self.stream.synchronize()
+        self._keep = None

@@ -1,0 +1,264 @@
+"""GPU transfers for the transports (imports CuPy; loaded only when a GPU array is passed).
+
+Same host, DRAM tier (:func:`shm_write`, :func:`shm_copy_in`): the client's
+mapping of the node's pool is host-registered once, and one kernel launch moves
+every page and layer of a node batch between the caller's GPU memory (a
+canonical array, or an engine's paged blocks) and the slots.  Writes return
+their run hashes as a callable: the hash is computed on the host from the pool
+bytes after the kernel, off the copy's timing (docs/decisions.md).
+
+Other host (:func:`staged_write`, :func:`staged_read`): the GPU side is
+gathered into (or scattered from) a pinned staging buffer of the device by one
+kernel or one cudaMemcpy, and the ordinary TCP transport moves the staging
+buffer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from kvstore import native
+from kvstore.errors import ErrorCode, KVStoreError
+from kvstore.gpu import arrays, hostreg, layouts
+from kvstore.gpu.engine import GpuEngine, engine_for
+from kvstore.transports.base import CopyPlan, NodeBatch
+
+if TYPE_CHECKING:
+    from kvstore.transports.shm import ShmTransport
+    from kvstore.transports.tcp import TcpTransport
+
+_CUDA_DLPACK = (2, 13)
+
+
+@dataclasses.dataclass
+class GpuPlan:
+    """The GPU side of a :class:`~kvstore.transports.base.CopyPlan`: one of ``canonical`` or ``pools``."""
+
+    device: int
+    engine: GpuEngine
+    canonical: arrays.ArrayInfo | None = None  # [len(layers)][num_pages][shard_bytes], C-contiguous
+    pools: list[layouts.PoolGeometry] | None = None  # one per layer of the plan
+    producer_stream: int | None = None  # stream the caller's array was last written on (if it said)
+
+
+def device_of(obj: Any) -> int:
+    dl_device = getattr(obj, "__dlpack_device__", None)
+    if dl_device is not None:
+        kind, ident = dl_device()
+        if int(kind) in _CUDA_DLPACK:
+            return int(ident)
+    info = arrays.describe_device(obj)
+    if info is None:
+        raise KVStoreError(ErrorCode.INVALID_ARGUMENT, f"{type(obj).__name__} is not a GPU array")
+    return info.device
+
+
+def canonical_plan(obj: Any, what: str, expected: int, shape: str, writable: bool) -> GpuPlan:
+    engine = engine_for(device_of(obj))
+    info = arrays.describe_device(obj, engine.stream.ptr)
+    assert info is not None
+    if not info.contiguous:
+        raise KVStoreError(ErrorCode.INVALID_ARGUMENT, f"{what} must be C-contiguous")
+    if writable and info.readonly:
+        raise KVStoreError(ErrorCode.INVALID_ARGUMENT, f"{what} must be writable")
+    if info.nbytes != expected:
+        raise KVStoreError(
+            ErrorCode.BAD_SIZE, f"{what} holds {info.nbytes} bytes; expected {expected} ({shape})"
+        )
+    return GpuPlan(info.device, engine, canonical=info, producer_stream=info.stream)
+
+
+def paged_plan(
+    pools: list[layouts.PagedKV],
+    what: str,
+    layout: Any,
+    heads: tuple[int, int],
+    num_pages: int,
+    writable: bool,
+) -> GpuPlan:
+    engine = engine_for(device_of(pools[0].k))
+    geometries = [layouts.resolve(p, layout, heads, num_pages, what, engine.stream.ptr) for p in pools]
+    if any(g.device != engine.device for g in geometries):
+        raise KVStoreError(ErrorCode.INVALID_ARGUMENT, f"{what}: the layers' pools live on different devices")
+    if writable and any(g.readonly for g in geometries):
+        raise KVStoreError(ErrorCode.INVALID_ARGUMENT, f"{what} must be writable")
+    if writable:
+        for g in geometries:
+            if len(np.unique(g.blocks)) != len(g.blocks):
+                raise KVStoreError(
+                    ErrorCode.INVALID_ARGUMENT,
+                    f"{what}: a block id repeats; pages would overwrite each other",
+                )
+    return GpuPlan(engine.device, engine, pools=geometries)
+
+
+# ----------------------------------------------------------------------------- op tables
+
+
+def _launch(
+    plan: CopyPlan, batch: NodeBatch, canon_addrs: np.ndarray, half_stride: int | None, to_canon: bool
+) -> None:
+    """One launch between the GPU side and canonical memory (slots or a staging buffer).
+
+    ``canon_addrs[li, i]``: canonical-side address of the shard of plan layer ``li`` and batch page
+    ``i``, at head ``heads[0]`` of half 0; ``half_stride`` is the distance between its halves
+    (None: the canonical side is a copy of the caller's canonical buffer layout).
+    """
+    gpu: GpuPlan = plan.device
+    gpu.engine.wait_for(gpu.producer_stream)
+    if gpu.canonical is not None:
+        rows = plan.offsets if len(batch) == plan.num_pages else plan.offsets[:, batch.pages]
+        if half_stride is None:  # staging: same offsets on both sides
+            canon_side = rows[..., 1] + np.uint64(int(canon_addrs))
+        else:
+            canon_side = rows[..., 0] + canon_addrs[:, :, None]
+        dev_side = rows[..., 1] + np.uint64(gpu.canonical.ptr)
+        table = np.empty(rows.shape, dtype=np.uint64)
+        table[..., 0], table[..., 1] = (canon_side, dev_side) if to_canon else (dev_side, canon_side)
+        table[..., 2] = rows[..., 2]
+        gpu.engine.copy_segments(table.reshape(-1, 3))
+        return
+    assert gpu.pools is not None
+    layout = plan.layout
+    tables = [
+        layouts.row_ops(pool, batch.pages, canon_addrs[li], half_stride or 0, to_canon)
+        for li, pool in enumerate(gpu.pools)
+    ]
+    gpu.engine.copy_rows(np.concatenate(tables) if len(tables) > 1 else tables[0])
+    del layout
+
+
+def _slot_addrs(plan: CopyPlan, batch: NodeBatch, data_address: int) -> np.ndarray:
+    """[layers, pages] address of the shard (head ``heads[0]`` of half 0) in each slot."""
+    layout = plan.layout
+    layer_off = np.array([layout.segment_offset(x) for x in plan.layers], dtype=np.uint64)
+    slots = np.uint64(data_address) + batch.slot_offsets.astype(np.uint64)
+    return layer_off[:, None] + slots[None, :] + np.uint64(plan.heads[0] * layout.head_bytes)
+
+
+def _slot_run_starts(plan: CopyPlan, batch: NodeBatch, data_address: int) -> np.ndarray:
+    """[layers, pages] slot address added to the plan's per-run slot offsets (canonical arrays)."""
+    slots = np.uint64(data_address) + batch.slot_offsets.astype(np.uint64)
+    return np.broadcast_to(slots[None, :], (len(plan.layers), len(batch)))
+
+
+def _to_slots(plan: CopyPlan, batch: NodeBatch, data_device_address: int, to_slots: bool) -> None:
+    gpu: GpuPlan = plan.device
+    if gpu.canonical is not None:
+        _launch(plan, batch, _slot_run_starts(plan, batch, data_device_address), 0, to_slots)
+    else:
+        half_stride = plan.layout.kv_heads * plan.layout.head_bytes
+        _launch(plan, batch, _slot_addrs(plan, batch, data_device_address), half_stride, to_slots)
+
+
+# ----------------------------------------------------------------------------- same host
+
+
+def _pool_device_data(transport: ShmTransport, device: int) -> int:
+    pool = transport.pool
+    base = hostreg.device_pointer(pool.base_address, len(pool.bytes), device)
+    return base + pool.header.data_offset
+
+
+def shm_write(
+    transport: ShmTransport, batch: NodeBatch, plan: CopyPlan, threads: int
+) -> Callable[[], np.ndarray]:
+    """Kernel from the GPU into the batch's slots; returns the deferred run hashes."""
+    gpu: GpuPlan = plan.device
+    with gpu.engine:
+        _to_slots(plan, batch, _pool_device_data(transport, gpu.device), True)
+        gpu.engine.sync()
+    runs = plan.table(batch, np.uint64(transport.pool.data_address) + batch.slot_offsets, True, 0)
+    ranges = np.ascontiguousarray(runs[..., [0, 2]].reshape(-1, 2))
+    shape = runs.shape[:3]
+    hold = contextlib.ExitStack()
+    hold.enter_context(transport.in_use())  # the pool stays mapped until the hash has read it
+
+    def hashes() -> np.ndarray:
+        try:
+            return native.hash_ranges(ranges, threads).reshape(shape)
+        finally:
+            hold.close()
+
+    return hashes
+
+
+def shm_read(transport: ShmTransport, batch: NodeBatch, plan: CopyPlan) -> None:
+    """Kernel from the batch's slots into the GPU; returns once the bytes have landed."""
+    gpu: GpuPlan = plan.device
+    with gpu.engine:
+        _to_slots(plan, batch, _pool_device_data(transport, gpu.device), False)
+        gpu.engine.sync()
+
+
+# ----------------------------------------------------------------------------- other host
+
+
+def _stage(plan: CopyPlan, batch: NodeBatch, staging: hostreg.StagingBuffer, to_stage: bool) -> None:
+    gpu: GpuPlan = plan.device
+    total = len(plan.layers) * plan.num_pages * plan.shard_bytes
+    if gpu.canonical is not None:
+        if len(batch) == plan.num_pages:  # the whole buffer: one plain copy
+            gpu.engine.wait_for(gpu.producer_stream)
+            if to_stage:
+                gpu.engine.memcpy(staging.address, gpu.canonical.ptr, total)
+            else:
+                gpu.engine.memcpy(gpu.canonical.ptr, staging.address, total)
+        else:
+            _launch(plan, batch, np.uint64(staging.device_address), None, to_stage)  # type: ignore[arg-type]
+        return
+    layer_idx = np.arange(len(plan.layers), dtype=np.uint64)[:, None]
+    page_off = batch.pages.astype(np.uint64)[None, :] * np.uint64(plan.shard_bytes)
+    addrs = (
+        np.uint64(staging.device_address)
+        + layer_idx * np.uint64(plan.num_pages * plan.shard_bytes)
+        + page_off
+    )
+    heads = plan.heads[1] - plan.heads[0]
+    _launch(plan, batch, addrs, heads * plan.layout.head_bytes, to_stage)
+
+
+def _host_plan(plan: CopyPlan, staging: hostreg.StagingBuffer) -> CopyPlan:
+    total = len(plan.layers) * plan.num_pages * plan.shard_bytes
+    return CopyPlan(plan.layout, plan.layers, plan.heads, staging.view(total), plan.num_pages)
+
+
+def staged_write(transport: TcpTransport, batch: NodeBatch, plan: CopyPlan) -> np.ndarray:
+    gpu: GpuPlan = plan.device
+    staging = hostreg.staging_for(gpu.device)
+    with staging.lock:
+        host_plan = _host_plan(plan, staging)
+        with gpu.engine:
+            _stage(plan, batch, staging, True)
+            gpu.engine.sync()
+        hashes = transport.write(batch, host_plan)
+        assert isinstance(hashes, np.ndarray)
+        return hashes
+
+
+def staged_read(transport: TcpTransport, batch: NodeBatch, plan: CopyPlan) -> int:
+    gpu: GpuPlan = plan.device
+    staging = hostreg.staging_for(gpu.device)
+    with staging.lock:
+        host_plan = _host_plan(plan, staging)
+        intact = transport.read(batch, host_plan)
+        if intact:
+            landed = batch if intact == len(batch) else _first(batch, intact)
+            with gpu.engine:
+                _stage(plan, landed, staging, False)
+                gpu.engine.sync()
+        return intact
+
+
+def _first(batch: NodeBatch, count: int) -> NodeBatch:
+    return dataclasses.replace(
+        batch,
+        pages=batch.pages[:count],
+        slot_offsets=batch.slot_offsets[:count],
+        generations=batch.generations[:count],
+    )

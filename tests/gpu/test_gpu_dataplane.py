@@ -1,0 +1,282 @@
+"""The GPU data plane on a real device: kernels against plain copies, and GPU puts/gets through a cluster.
+
+Every test is skipped (with the reason) where CuPy or a CUDA device is absent.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+cupy = pytest.importorskip("cupy", reason="GPU tests need CuPy")
+
+from kvstore import native  # noqa: E402
+from kvstore.gpu import PagedKV, layouts  # noqa: E402
+from kvstore.gpu.engine import engine_for, split_long  # noqa: E402
+from kvstore.layout import Layout  # noqa: E402
+from kvstore.testing import prompt  # noqa: E402
+
+PAGE = 16
+
+
+def _emulate(table: np.ndarray, dst: np.ndarray, src: np.ndarray, dst_base: int, src_base: int) -> None:
+    for d, s, n in table.tolist():
+        dst[d - dst_base : d - dst_base + n] = src[s - src_base : s - src_base + n]
+
+
+@pytest.mark.parametrize("aligned", [True, False])
+def test_segment_kernel_matches_plain_copies(aligned):
+    rng = np.random.default_rng(0)
+    size = 4 << 20
+    src_host = rng.integers(0, 256, size, dtype=np.uint8)
+    src = cupy.asarray(src_host)
+    dst = cupy.zeros(size, dtype=cupy.uint8)
+    n = 200
+    lengths = rng.integers(1, 9000, n).astype(np.uint64)
+    if aligned:
+        lengths = (lengths + 15) // 16 * 16
+    lengths[0] = (3 << 19) + (0 if aligned else 7)  # longer than SPLIT_BYTES: cut into pieces
+    assert int(lengths.sum()) + 3 <= size
+    src_off = np.cumsum(lengths) - lengths + np.uint64(0 if aligned else 3)
+    order = rng.permutation(n)  # scatter in odd order
+    dst_off = np.empty(n, dtype=np.uint64)
+    dst_off[order] = np.cumsum(lengths[order]) - lengths[order]
+    table = np.stack([dst_off + np.uint64(dst.data.ptr), src_off + np.uint64(src.data.ptr), lengths], axis=1)
+    engine = engine_for(0)
+    with engine:
+        engine.copy_segments(table)
+        engine.sync()
+    want = np.zeros(size, dtype=np.uint8)
+    _emulate(table, want, src_host, dst.data.ptr, src.data.ptr)
+    assert np.array_equal(cupy.asnumpy(dst), want)
+    assert len(split_long(table)) > len(table)
+
+
+def _pool(shape, np_dtype, seed):
+    rng = np.random.default_rng(seed)
+    item = np.dtype(np_dtype).itemsize
+    raw = rng.integers(0, 256, (*shape, item), dtype=np.uint8)
+    return np.ascontiguousarray(raw).view(np_dtype)[..., 0]
+
+
+CASES = [
+    ("token_major", np.uint16, False, 0, 8, (0, 8), 0),  # bf16/fp16 as raw bytes, whole range
+    ("token_major", np.uint16, True, 0, 4, (4, 8), 0),  # vLLM-style stacked, TP rank 1 of 2
+    ("head_major", np.float32, False, 0, 8, (2, 4), 2),  # pool of more heads, a sub-range
+    ("head_major", np.uint8, True, 1, 8, (0, 8), 0),  # fp8 as bytes, FlashInfer-style stacked
+    ("token_major", np.uint8, False, 0, 3, (0, 3), 0),  # odd head count, unaligned rows
+]
+
+
+@pytest.mark.parametrize(
+    ("kind", "np_dtype", "stacked", "kv_dim", "pool_heads", "heads", "head_start"), CASES
+)
+def test_row_kernel_converts_paged_pools(kind, np_dtype, stacked, kv_dim, pool_heads, heads, head_start):
+    item = np.dtype(np_dtype).itemsize
+    head_dim = 120 // item if pool_heads == 3 else 128 // item
+    dtype = {1: "uint8", 2: "bfloat16", 4: "float32"}[item]
+    kv_heads = 8 if pool_heads != 3 else 3
+    layout = Layout.build("t/g", PAGE, 2, kind="mha", kv_heads=kv_heads, head_dim=head_dim, dtype=dtype)
+    blocks = np.array([11, 2, 7, 0, 5, 9, 3])
+    shape = (13, PAGE, pool_heads, head_dim) if kind == "token_major" else (13, pool_heads, PAGE, head_dim)
+    k_host, v_host = _pool(shape, np_dtype, 1), _pool(shape, np_dtype, 2)
+    if stacked:
+        both = cupy.asarray(np.stack([k_host, v_host], axis=kv_dim))
+        gpu_paged = PagedKV(
+            both, block_ids=blocks, layout=kind, stacked=True, kv_dim=kv_dim, head_start=head_start
+        )
+    else:
+        gpu_paged = PagedKV(
+            cupy.asarray(k_host), cupy.asarray(v_host), block_ids=blocks, layout=kind, head_start=head_start
+        )
+    cpu_paged = PagedKV(k_host, v_host, block_ids=blocks, layout=kind, head_start=head_start)
+    want = layouts.gather_canonical(layouts.resolve(cpu_paged, layout, heads, len(blocks), "cpu"))
+
+    engine = engine_for(0)
+    geometry = layouts.resolve(gpu_paged, layout, heads, len(blocks), "gpu", engine.stream.ptr)
+    shard = layout.shard_bytes(heads)
+    nh = heads[1] - heads[0]
+    out = cupy.zeros((len(blocks), shard), dtype=cupy.uint8)
+    base = np.uint64(out.data.ptr) + np.arange(len(blocks), dtype=np.uint64) * np.uint64(shard)
+    with engine:
+        engine.copy_rows(
+            layouts.row_ops(geometry, np.arange(len(blocks)), base, nh * layout.head_bytes, True)
+        )
+        engine.sync()
+    assert np.array_equal(cupy.asnumpy(out), want)
+
+    # back into a zeroed pool: the same canonical bytes come out of it
+    zeros = [cupy.zeros(shape, dtype=np_dtype) for _ in range(2)]
+    if stacked:
+        target = PagedKV(
+            cupy.stack(zeros, axis=kv_dim),
+            block_ids=blocks,
+            layout=kind,
+            stacked=True,
+            kv_dim=kv_dim,
+            head_start=head_start,
+        )
+    else:
+        target = PagedKV(zeros[0], zeros[1], block_ids=blocks, layout=kind, head_start=head_start)
+    g2 = layouts.resolve(target, layout, heads, len(blocks), "gpu", engine.stream.ptr)
+    with engine:
+        engine.copy_rows(layouts.row_ops(g2, np.arange(len(blocks)), base, nh * layout.head_bytes, False))
+        engine.sync()
+    host_target = (
+        PagedKV(
+            cupy.asnumpy(target.k),
+            block_ids=blocks,
+            layout=kind,
+            stacked=True,
+            kv_dim=kv_dim,
+            head_start=head_start,
+        )
+        if stacked
+        else PagedKV(
+            cupy.asnumpy(target.k),
+            cupy.asnumpy(target.v),
+            block_ids=blocks,
+            layout=kind,
+            head_start=head_start,
+        )
+    )
+    assert np.array_equal(
+        layouts.gather_canonical(layouts.resolve(host_target, layout, heads, len(blocks), "cpu")), want
+    )
+
+
+def _namespace(writer, layers=3, kv_heads=4, head_dim=64):
+    return writer.create_namespace(
+        page_size=PAGE, num_layers=layers, kind="mha", kv_heads=kv_heads, head_dim=head_dim, dtype="bfloat16"
+    )
+
+
+@pytest.mark.parametrize("transport", ["shm", "tcp"])
+def test_canonical_gpu_put_and_get_roundtrip(cluster, client, namespace, transport):
+    writer = client(cluster, namespace, transport=transport)
+    layout = _namespace(writer)
+    tokens = prompt(21, 9 * PAGE + 5)
+    rng = np.random.default_rng(21)
+    host = [rng.integers(0, 256, (9, layout.segment_bytes), dtype=np.uint8) for _ in range(3)]
+    for layer in range(3):
+        assert writer.put_layer(tokens, layer, cupy.asarray(host[layer])) == 9
+    reader = client(cluster, namespace, transport=transport)
+    out = cupy.zeros((3, 9, layout.segment_bytes), dtype=cupy.uint8)
+    hit = reader.get_prefix(tokens, out=out)
+    assert hit.num_pages == 9 and hit.data is out
+    assert np.array_equal(cupy.asnumpy(out), np.stack(host))
+    # a GPU writer and a CPU reader see identical bytes, and a head range reads right
+    cpu = reader.get_prefix(tokens, heads=(1, 3))
+    half = 4 * layout.head_bytes
+    for layer in range(3):
+        want = np.concatenate(
+            [
+                host[layer][:, h * half + layout.head_bytes : h * half + 3 * layout.head_bytes]
+                for h in range(2)
+            ],
+            axis=1,
+        )
+        assert np.array_equal(cpu.layer(layer), want)
+    part = cupy.zeros((1, 9, layout.shard_bytes((1, 3))), dtype=cupy.uint8)
+    assert reader.get_prefix(tokens, layers=[2], heads=(1, 3), out=part).num_pages == 9
+    assert np.array_equal(cupy.asnumpy(part[0]), cpu.layer(2))
+
+
+@pytest.mark.parametrize("transport", ["shm", "tcp"])
+@pytest.mark.parametrize(
+    ("kind", "stacked"),
+    [("token_major", False), ("token_major", True), ("head_major", False), ("head_major", True)],
+)
+def test_paged_gpu_put_and_get_roundtrip(cluster, client, namespace, transport, kind, stacked):
+    writer = client(cluster, namespace, transport=transport)
+    layout = _namespace(writer, layers=2, kv_heads=4, head_dim=64)
+    tokens = prompt(31, 6 * PAGE)
+    shape = (10, PAGE, 4, 64) if kind == "token_major" else (10, 4, PAGE, 64)
+    blocks = np.array([8, 1, 6, 3, 9, 0])
+    pools = []
+    for layer in range(2):
+        k, v = _pool(shape, np.uint16, 10 + layer), _pool(shape, np.uint16, 20 + layer)
+        pools.append((k, v))
+        paged = (
+            PagedKV(cupy.asarray(np.stack([k, v])), block_ids=blocks, layout=kind, stacked=True)
+            if stacked
+            else PagedKV(cupy.asarray(k), cupy.asarray(v), block_ids=blocks, layout=kind)
+        )
+        assert writer.put_layer(tokens, layer, paged) == 6
+    reader = client(cluster, namespace, transport=transport)
+    cpu = reader.get_prefix(tokens)  # GPU writer, CPU reader
+    wants = [
+        layouts.gather_canonical(
+            layouts.resolve(PagedKV(k, v, block_ids=blocks, layout=kind), layout, (0, 4), 6, "x")
+        )
+        for k, v in pools
+    ]
+    for layer in range(2):
+        assert np.array_equal(cpu.layer(layer), wants[layer])
+    out_blocks = np.array([2, 7, 4, 11, 5, 0])
+    targets = [cupy.zeros((12, *shape[1:]), dtype=cupy.uint16) for _ in range(4)]
+    outs = [PagedKV(targets[2 * i], targets[2 * i + 1], block_ids=out_blocks, layout=kind) for i in range(2)]
+    hit = reader.get_prefix(tokens, out=outs)
+    assert hit.num_pages == 6
+    for layer in range(2):
+        back = PagedKV(
+            cupy.asnumpy(targets[2 * layer]),
+            cupy.asnumpy(targets[2 * layer + 1]),
+            block_ids=out_blocks,
+            layout=kind,
+        )
+        assert np.array_equal(
+            layouts.gather_canonical(layouts.resolve(back, layout, (0, 4), 6, "x")), wants[layer]
+        )
+
+
+def test_cpu_writer_gpu_reader_and_torch_bfloat16(cluster, client, namespace):
+    torch = pytest.importorskip("torch")
+    writer = client(cluster, namespace)
+    layout = _namespace(writer, layers=1, kv_heads=4, head_dim=64)
+    tokens = prompt(41, 5 * PAGE)
+    host = np.random.default_rng(41).integers(0, 256, (5, layout.segment_bytes), dtype=np.uint8)
+    assert writer.put_layer(tokens, 0, host) == 5
+    reader = client(cluster, namespace)
+    out = torch.zeros((1, 5, layout.segment_bytes // 2), dtype=torch.bfloat16, device="cuda")
+    assert reader.get_prefix(tokens, out=out).num_pages == 5
+    got = out.view(torch.int16).cpu().numpy().view(np.uint8).reshape(5, -1)
+    assert np.array_equal(got, host)
+    # torch CUDA bf16 paged pool (DLPack), TP rank 1 of 2
+    tokens2 = prompt(42, 4 * PAGE)
+    k = torch.randn(7, PAGE, 2, 64, dtype=torch.bfloat16, device="cuda")
+    v = torch.randn(7, PAGE, 2, 64, dtype=torch.bfloat16, device="cuda")
+    blocks = [6, 2, 4, 0]
+    assert writer.put_layer(tokens2, 0, PagedKV(k, v, block_ids=blocks), tp_rank=1, tp_size=2) == 4
+    assert (
+        writer.put_layer(
+            tokens2, 0, np.zeros((4, layout.shard_bytes((0, 2))), dtype=np.uint8), tp_rank=0, tp_size=2
+        )
+        == 4
+    )
+    cpu = reader.get_prefix(tokens2, heads=(2, 4))
+    want = (
+        torch.stack([k[blocks].transpose(1, 2), v[blocks].transpose(1, 2)], dim=1)
+        .contiguous()
+        .view(torch.int16)
+        .cpu()
+        .numpy()
+    )
+    assert np.array_equal(cpu.layer(0), want.view(np.uint8).reshape(4, -1))
+
+
+def test_registered_pool_copy_equals_native_copy(cluster, client, namespace):
+    """The same bytes land whether a put comes from the GPU kernel or the CPU copy engine."""
+    a = client(cluster, namespace)
+    layout = _namespace(a, layers=1)
+    host = np.random.default_rng(5).integers(0, 256, (3, layout.segment_bytes), dtype=np.uint8)
+    t1, t2 = prompt(51, 3 * PAGE), prompt(52, 3 * PAGE)
+    a.put_layer(t1, 0, host)
+    a.put_layer(t2, 0, cupy.asarray(host))
+    h1, h2 = a.get_prefix(t1), a.get_prefix(t2)
+    assert h1.num_pages == h2.num_pages == 3
+    assert np.array_equal(h1.layer(0), h2.layer(0))
+    assert (
+        native.hash_ranges(np.array([[h1.layer(0).ctypes.data, h1.layer(0).nbytes]], dtype=np.uint64))[0]
+        == native.hash_ranges(np.array([[h2.layer(0).ctypes.data, h2.layer(0).nbytes]], dtype=np.uint64))[0]
+    )
