@@ -4,10 +4,18 @@ Runs a one-node cluster (kvstore.testing.Cluster), a writer and a reader in
 separate spawned processes, and in the reader's process the baselines: one
 1 GiB cudaMemcpy between the GPU and pinned memory (cudaHostAlloc), the same
 into the node's registered pool mapping, 16384 separate 64 KiB cudaMemcpyAsync
-calls, and the bare gather/scatter kernel over the same 16384 segments.
-Medians of ``--reps`` runs; JSON on stdout (and in ``--json``).
+calls, the bare gather/scatter kernel over the same 16384 segments, and one
+strided copy (cudaMemcpy2DAsync) over them.  The SDK calls alternate between
+the copy-engine path (strided copies per run of consecutive slots) and the
+forced kernel path, sequence by sequence; each call's GPU copy time is recorded
+beside its wall time.  Medians of ``--reps`` runs; JSON on stdout (and in ``--json``).
 
-    source bench/gpu/prepare.sh && python bench/gpu/bench_gpu.py --json $OUT/bench_gpu.json
+``--stream``: a prefill process writes ``--stream-layers`` layers (GPU tensors,
+put_layer_async) while a decoder process streams them into a GPU tensor
+(get_prefix_stream); reports how long after the last layer's commit the
+decoder has every layer, beside one layer's transfer time.
+
+    source bench/gpu/prepare.sh && python bench/gpu/bench_gpu.py --stream --json $OUT/bench_gpu.json
 """
 
 from __future__ import annotations
@@ -25,6 +33,51 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from kvstore.testing import Cluster, process_pool, prompt  # noqa: E402
+
+PATHS = ("copy_engine", "kernel")  # the SDK's strided-copy path, and the one-launch kernel forced
+
+
+def _set_path(path: str) -> None:
+    """Select the SDK's GPU path for this process (the kernel: no strided copies allowed)."""
+    from kvstore.gpu import transfer
+
+    transfer.MAX_RECT_COPIES = 64 if path == "copy_engine" else 0
+
+
+def _timing(on: bool) -> Any:
+    from kvstore.gpu.engine import engine_for
+
+    engine = engine_for(0)
+    engine.timing = on
+    return engine
+
+
+def _time_transfers() -> list[float]:
+    """Wrap the same-host GPU transfers of this process: each one's wall time (lock, copies, sync) lands in
+    the returned list, to tell the SDK call's own overhead from the transfer's."""
+    from kvstore.gpu import transfer
+
+    spent: list[float] = []
+
+    def timed(fn: Any) -> Any:
+        def run(*args: Any, **kwargs: Any) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                spent.append(time.perf_counter() - t0)
+
+        return run
+
+    transfer.shm_write = timed(transfer.shm_write)  # type: ignore[method-assign]
+    transfer.shm_read = timed(transfer.shm_read)  # type: ignore[method-assign]
+    return spent
+
+
+def _now() -> float:
+    """CLOCK_MONOTONIC: one clock for every process of the host."""
+    return time.clock_gettime(time.CLOCK_MONOTONIC)
+
 
 PAGE = 16
 KV_HEADS = 8
@@ -76,11 +129,18 @@ def writer(master: str, pages: int, layers: int, reps: int, lib: str, transport:
     warm = prompt(999, 4 * PAGE)  # compiles the kernel, registers the pool
     for layer in range(layers):
         client.put_layer(warm, layer, kv[layer][:4])
+    engine = _timing(True)
+    spent = _time_transfers()
     first_layer: list[float] = []  # includes OpenPut (16384 slots allocated)
-    per_layer: list[float] = []  # layers between the first and the last: the data path alone
     last_layer: list[float] = []  # includes the final CommitLayer and waiting for the checksums
     sequence: list[float] = []
+    # layers between the first and the last (the data path alone), per path: wall and GPU copy time
+    per_layer: dict[str, list[float]] = {p: [] for p in PATHS}
+    copy_gpu: dict[str, list[float]] = {p: [] for p in PATHS}
+    transfer_wall: dict[str, list[float]] = {p: [] for p in PATHS}
     for rep in range(reps):
+        path = PATHS[rep % 2] if reps > 1 else PATHS[0]
+        _set_path(path)
         tokens = prompt(rep, pages * PAGE)
         start = time.perf_counter()
         for layer in range(layers):
@@ -88,20 +148,36 @@ def writer(master: str, pages: int, layers: int, reps: int, lib: str, transport:
             written = client.put_layer(tokens, layer, kv[layer])
             dt = time.perf_counter() - t0
             assert written == pages, f"wrote {written} of {pages} pages"
-            (first_layer if layer == 0 else last_layer if layer == layers - 1 else per_layer).append(dt)
+            if layer == 0:
+                first_layer.append(dt)
+            elif layer == layers - 1:
+                last_layer.append(dt)
+            else:
+                per_layer[path].append(dt)
+                copy_gpu[path].append(engine.last_copy_s)
+                transfer_wall[path].append(spent[-1])
         sequence.append(time.perf_counter() - start)
+    _set_path("copy_engine")
     client.close()
     nbytes = pages * seg
-    return {
+    result: dict[str, Any] = {
         "put_first_layer_s": first_layer,
         "put_first_layer_GBps": nbytes / _median(first_layer) / 1e9,
-        "put_layer_s": per_layer,
         "put_last_layer_s": last_layer,
         "put_sequence_s": sequence,
-        "put_layer_GBps": nbytes / _median(per_layer) / 1e9,
         "put_last_layer_GBps": nbytes / _median(last_layer) / 1e9,
         "put_sequence_GBps": layers * nbytes / _median(sequence) / 1e9,
     }
+    for path in PATHS:
+        if per_layer[path]:
+            result[f"put_layer_{path}_s"] = per_layer[path]
+            result[f"put_layer_{path}_GBps"] = nbytes / _median(per_layer[path]) / 1e9
+            result[f"put_layer_{path}_gpu_copy_s"] = copy_gpu[path]
+            result[f"put_layer_{path}_gpu_copy_GBps"] = nbytes / _median(copy_gpu[path]) / 1e9
+            result[f"put_layer_{path}_transfer_wall_s"] = transfer_wall[path]  # shm_write: lock+copies+sync
+    result["put_layer_s"] = per_layer["copy_engine"]
+    result["put_layer_GBps"] = result["put_layer_copy_engine_GBps"]
+    return result
 
 
 def _event_time(fn: Any, stream: Any) -> float:
@@ -163,6 +239,59 @@ def baselines(pool_path: str, incarnation: bytes, pages: int, seg: int, reps: in
         stream.synchronize()
         times = [_event_time(fn, stream) for _ in range(reps)]
         out[name] = {"s": _median(times), "GBps": nbytes / _median(times) / 1e9}
+    # The copy engines on a strided region: 16384 rows of 64 KiB, 4 segments apart in the pool
+    # (what the SDK's copy-engine path issues for a run of consecutive slots).
+    pitch = 4 * seg
+
+    def strided(to_host: bool) -> Any:
+        if to_host:
+            return lambda: rt.memcpy2DAsync(
+                pool_dev, pitch, dev.data.ptr, seg, seg, pages, rt.memcpyDefault, stream.ptr
+            )
+        return lambda: rt.memcpy2DAsync(
+            dev.data.ptr, seg, pool_dev, pitch, seg, pages, rt.memcpyDefault, stream.ptr
+        )
+
+    cases = {
+        "memcpy2D_16384x64KiB_pool_D2H": strided(True),
+        "memcpy2D_16384x64KiB_pool_H2D": strided(False),
+    }
+    for name, fn in cases.items():
+        fn()
+        stream.synchronize()
+        times = [_event_time(fn, stream) for _ in range(reps)]
+        out[name] = {"s": _median(times), "GBps": nbytes / _median(times) / 1e9}
+    # A GPU put's checksum: the client hashes the landed bytes on the host (copy_threads threads)
+    # while the next layer copies. How long one layer's hash takes, and what it costs a copy.
+    from kvstore import native
+
+    ranges = np.array([[pool.data_address + i * seg, seg] for i in range(pages)], dtype=np.uint64)
+    hash_times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        native.hash_ranges(ranges, 8)
+        hash_times.append(time.perf_counter() - t0)
+    out["hash_1GiB_8threads"] = {"s": _median(hash_times), "GBps": nbytes / _median(hash_times) / 1e9}
+    import threading
+
+    stop = threading.Event()
+
+    def hash_loop() -> None:
+        while not stop.is_set():
+            native.hash_ranges(ranges, 8)
+
+    hasher = threading.Thread(target=hash_loop, daemon=True)
+    hasher.start()
+    try:
+        for name, fn in (
+            ("memcpy2D_16384x64KiB_pool_D2H_while_hashing", strided(True)),
+            ("memcpy2D_16384x64KiB_pool_H2D_while_hashing", strided(False)),
+        ):
+            times = [_event_time(fn, stream) for _ in range(reps)]
+            out[name] = {"s": _median(times), "GBps": nbytes / _median(times) / 1e9}
+    finally:
+        stop.set()
+        hasher.join()
     cases = {}
     cases["memcpy_16384x64KiB_D2H"] = many(True)
     cases["memcpy_16384x64KiB_H2D"] = many(False)
@@ -233,29 +362,195 @@ def reader(master: str, pages: int, layers: int, reps: int, lib: str, transport:
     out = _gpu_tensor(lib, pages, seg, False)
     warm = prompt(999, 4 * PAGE)
     client.get_prefix(warm, layers=[0], out=out[:4])
-    per_layer: list[float] = []
-    leased: list[float] = []
-    for rep in range(reps):
-        tokens = prompt(rep, pages * PAGE)
-        for layer in range(layers):
-            t0 = time.perf_counter()
-            hit = client.get_prefix(tokens, layers=[layer], out=out)
-            per_layer.append(time.perf_counter() - t0)
-            assert hit.num_pages == pages, f"read {hit.num_pages} of {pages} pages"
-        lease = client.acquire_prefix(tokens)  # the scheduler's match-and-lease, then per-layer reads
-        for layer in range(layers):
-            t0 = time.perf_counter()
-            hit = client.get_prefix(tokens, layers=[layer], out=out, lease=lease)
-            leased.append(time.perf_counter() - t0)
-            assert hit.num_pages == pages, f"read {hit.num_pages} of {pages} pages"
-        client.release(lease)
-    client.close()
+    engine = _timing(True)
+    spent = _time_transfers()
+    result: dict[str, Any] = {}
     nbytes = pages * seg
+    for path in PATHS:
+        _set_path(path)
+        per_layer: list[float] = []
+        leased: list[float] = []
+        copy_gpu: list[float] = []
+        transfer_wall: list[float] = []
+        for rep in range(reps):
+            tokens = prompt(rep, pages * PAGE)
+            for layer in range(layers):
+                t0 = time.perf_counter()
+                hit = client.get_prefix(tokens, layers=[layer], out=out)
+                per_layer.append(time.perf_counter() - t0)
+                assert hit.num_pages == pages, f"read {hit.num_pages} of {pages} pages"
+            lease = client.acquire_prefix(tokens)  # the scheduler's match-and-lease, then per-layer reads
+            for layer in range(layers):
+                t0 = time.perf_counter()
+                hit = client.get_prefix(tokens, layers=[layer], out=out, lease=lease)
+                leased.append(time.perf_counter() - t0)
+                copy_gpu.append(engine.last_copy_s)
+                transfer_wall.append(spent[-1])
+                assert hit.num_pages == pages, f"read {hit.num_pages} of {pages} pages"
+            client.release(lease)
+        result[f"get_layer_{path}_s"] = per_layer
+        result[f"get_layer_{path}_GBps"] = nbytes / _median(per_layer) / 1e9
+        result[f"get_layer_leased_{path}_s"] = leased
+        result[f"get_layer_leased_{path}_GBps"] = nbytes / _median(leased) / 1e9
+        result[f"get_layer_leased_{path}_gpu_copy_s"] = copy_gpu
+        result[f"get_layer_leased_{path}_gpu_copy_GBps"] = nbytes / _median(copy_gpu) / 1e9
+        result[f"get_layer_leased_{path}_transfer_wall_s"] = transfer_wall  # shm_read: lock+copies+sync
+    _set_path("copy_engine")
+    client.close()
+    for key in ("get_layer", "get_layer_leased"):
+        result[f"{key}_s"] = result[f"{key}_copy_engine_s"]
+        result[f"{key}_GBps"] = result[f"{key}_copy_engine_GBps"]
+    return result
+
+
+# ----------------------------------------------------------------------------- streaming (issue 5)
+
+STREAM_NAMESPACE = "bench/gpu-stream"
+_worker: dict[str, Any] = {}  # the client and tensors of a stream worker process, kept between calls
+
+
+def stream_writer_setup(master: str, pages: int, layers: int, lib: str) -> float:
+    """The prefill process: a client, one GPU tensor per layer, the kernel and pool warmed up."""
+    from kvstore.client import KVStoreClient
+    from kvstore.config import load
+
+    client = KVStoreClient(master, namespace=STREAM_NAMESPACE, config=load({"copy_threads": 8}, environ={}))
+    seg = client.layout.segment_bytes
+    kv = [_gpu_tensor(lib, pages, seg, True) for _ in range(layers)]
+    _sync(lib)
+    warm = prompt(998, 4 * PAGE)
+    for layer in range(layers):
+        client.put_layer(warm, layer, kv[layer][:4])
+    _worker.update(client=client, kv=kv, pages=pages, layers=layers, lib=lib)
+    # one layer's put, the data path alone: the middle layers of a sequence written synchronously
+    tokens = prompt(997, pages * PAGE)
+    times = []
+    for layer in range(layers):
+        t0 = time.perf_counter()
+        client.put_layer(tokens, layer, kv[layer])
+        times.append(time.perf_counter() - t0)
+    return _median(times[1:-1])
+
+
+def stream_writer_rep(rep: int, layer_ms: float) -> dict[str, Any]:
+    """Write every layer with put_layer_async (``layer_ms`` of pretend compute before each)."""
+    client, kv, pages, layers = _worker["client"], _worker["kv"], _worker["pages"], _worker["layers"]
+    tokens = prompt(10_000 + rep, pages * PAGE)
+    done = [0.0] * layers
+    start = _now()
+    futures = []
+    for layer in range(layers):
+        if layer_ms:
+            time.sleep(layer_ms / 1000.0)
+        future = client.put_layer_async(tokens, layer, kv[layer])
+
+        def stamp(_f: Any, layer: int = layer) -> None:
+            done[layer] = _now()
+
+        future.add_done_callback(stamp)
+        futures.append(future)
+    handed = _now()
+    client.flush()
+    assert all(f.result() == pages for f in futures)
+    return {"start": start, "handed_over": handed, "done": done}
+
+
+def stream_decoder_setup(master: str, pages: int, layers: int, lib: str) -> None:
+    from kvstore.client import KVStoreClient
+    from kvstore.config import load
+
+    client = KVStoreClient(master, namespace=STREAM_NAMESPACE, config=load({"copy_threads": 8}, environ={}))
+    seg = client.layout.segment_bytes
+    out = _gpu_tensor(lib, layers * pages, seg, False).reshape(layers, pages, -1)
+    warm = _gpu_tensor(lib, layers * 4, seg, False).reshape(layers, 4, -1)
+    client.get_prefix(prompt(998, 4 * PAGE), out=warm)  # compiles the kernel, registers the pool
+    _worker.update(client=client, out=out, pages=pages, layers=layers)
+
+
+def stream_decoder_rep(rep: int) -> dict[str, Any]:
+    """Stream the rep's prefix into a GPU tensor as it is written; then time one layer's leased read."""
+    client, out, pages, layers = _worker["client"], _worker["out"], _worker["pages"], _worker["layers"]
+    tokens = prompt(10_000 + rep, pages * PAGE)
+    opened = _now()
+    ready_at = [0.0] * layers
+    with client.get_prefix_stream(tokens, out=out, wait_ms=60_000) as stream:
+        first = _now()
+        for ready in stream:
+            ready_at[ready.index] = _now()
+            assert ready.num_pages == pages, f"layer {ready.layer}: {ready.num_pages} of {pages} pages"
+    lease = client.acquire_prefix(tokens)
+    one = []
+    for layer in range(min(layers, 8)):
+        t0 = time.perf_counter()
+        client.get_prefix(tokens, layers=[layer], out=out[layer], lease=lease)
+        one.append(time.perf_counter() - t0)
+    client.release(lease)
+    return {"opened": opened, "first_answer": first, "ready_at": ready_at, "get_one_layer_s": _median(one)}
+
+
+def stream_close() -> None:
+    client = _worker.pop("client", None)
+    if client is not None:
+        client.close()
+    _worker.clear()
+
+
+def stream_bench(pages: int, layers: int, reps: int, lib: str, layer_ms: float) -> dict[str, Any]:
+    """Prefill and decoder in two processes; the decoder has every layer how long after the last commit?"""
+    seg = 2 * KV_HEADS * PAGE * HEAD_DIM * 2
+    slot = ((layers * seg + 4095) // 4096) * 4096
+    dram = str(pages * slot * (reps + 2) + (256 << 20))  # the reps, the synchronous sequence, the warm-up
+    with Cluster(1, dram=dram, read_lease_ms=60000, write_lease_ms=120000, startup_timeout=120.0) as cluster:
+        setup = cluster.client(STREAM_NAMESPACE)
+        setup.create_namespace(
+            page_size=PAGE,
+            num_layers=layers,
+            kind="mha",
+            kv_heads=KV_HEADS,
+            head_dim=HEAD_DIM,
+            dtype="bfloat16",
+        )
+        setup.close()
+        with process_pool(1) as wpool, process_pool(1) as dpool:
+            put_layer_s = wpool.submit(
+                stream_writer_setup, cluster.master_address, pages, layers, lib
+            ).result()
+            dpool.submit(stream_decoder_setup, cluster.master_address, pages, layers, lib).result()
+            runs = []
+            for rep in range(reps):
+                decoded = dpool.submit(stream_decoder_rep, rep)
+                time.sleep(0.2)  # the decoder asks first, as a decode worker would (it waits for page 0)
+                written = wpool.submit(stream_writer_rep, rep, layer_ms).result()
+                runs.append({"writer": written, "decoder": decoded.result()})
+            wpool.submit(stream_close).result()
+            dpool.submit(stream_close).result()
+    after_commit = [r["decoder"]["ready_at"][-1] - r["writer"]["done"][-1] for r in runs]
+    all_ready = [max(r["decoder"]["ready_at"]) for r in runs]
+    nbytes = pages * seg
+    get_one = _median([r["decoder"]["get_one_layer_s"] for r in runs])
     return {
-        "get_layer_s": per_layer,
-        "get_layer_GBps": nbytes / _median(per_layer) / 1e9,
-        "get_layer_leased_s": leased,
-        "get_layer_leased_GBps": nbytes / _median(leased) / 1e9,
+        "pages": pages,
+        "layers": layers,
+        "layer_bytes": nbytes,
+        "reps": reps,
+        "layer_compute_ms": layer_ms,
+        # decoder has every layer, minus the writer's last put_layer_async done (its CommitLayer answered)
+        "all_layers_after_last_commit_s": [
+            a - r["writer"]["done"][-1] for a, r in zip(all_ready, runs, strict=True)
+        ],
+        "all_layers_after_last_commit_median_s": _median(
+            [a - r["writer"]["done"][-1] for a, r in zip(all_ready, runs, strict=True)]
+        ),
+        "last_layer_after_its_commit_s": after_commit,
+        "write_all_layers_s": [r["writer"]["done"][-1] - r["writer"]["start"] for r in runs],
+        "decoder_all_layers_from_write_start_s": [
+            a - r["writer"]["start"] for a, r in zip(all_ready, runs, strict=True)
+        ],
+        "one_layer_put_s": put_layer_s,
+        "one_layer_get_leased_s": get_one,
+        "one_layer_put_GBps": nbytes / put_layer_s / 1e9,
+        "one_layer_get_GBps": nbytes / get_one / 1e9,
+        "runs": runs,
     }
 
 
@@ -269,7 +564,24 @@ def main() -> None:
     parser.add_argument("--dram", default="")
     parser.add_argument("--json", default="")
     parser.add_argument("--skip-baselines", action="store_true")
+    parser.add_argument("--stream", action="store_true", help="also run the layer streaming bench")
+    parser.add_argument("--stream-only", action="store_true", help="run the layer streaming bench alone")
+    parser.add_argument(
+        "--stream-pages", type=int, default=512, help="pages per layer (512 x 64 KiB = 32 MiB)"
+    )
+    parser.add_argument("--stream-layers", type=int, default=32)
+    parser.add_argument("--stream-reps", type=int, default=5)
+    parser.add_argument("--stream-layer-ms", type=float, default=0.0, help="pretend compute per layer")
     args = parser.parse_args()
+    if args.stream_only:
+        result = {
+            "gpu": _gpu_name(),
+            "stream": stream_bench(
+                args.stream_pages, args.stream_layers, args.stream_reps, args.lib, args.stream_layer_ms
+            ),
+        }
+        _emit(result, args.json)
+        return
     seg = 2 * KV_HEADS * PAGE * HEAD_DIM * 2
     page_bytes = ((args.layers * seg + 4095) // 4096) * 4096
     free = (
@@ -289,12 +601,7 @@ def main() -> None:
         "lib": args.lib,
         "transport": args.transport,
     }
-    try:
-        import cupy
-
-        result["gpu"] = cupy.cuda.runtime.getDeviceProperties(0)["name"].decode()
-    except Exception as exc:  # noqa: BLE001
-        result["gpu"] = f"unknown ({exc})"
+    result["gpu"] = _gpu_name()
     with Cluster(1, dram=dram, read_lease_ms=60000, write_lease_ms=120000) as cluster:
         setup = cluster.client(NAMESPACE)
         setup.create_namespace(
@@ -330,10 +637,27 @@ def main() -> None:
         result["get_vs_single_copy"] = (
             result["reader"]["get_layer_GBps"] / b["memcpy_1GiB_pinned_H2D"]["GBps"]
         )
+    if args.stream:
+        result["stream"] = stream_bench(
+            args.stream_pages, args.stream_layers, args.stream_reps, args.lib, args.stream_layer_ms
+        )
+    _emit(result, args.json)
+
+
+def _gpu_name() -> str:
+    try:
+        import cupy
+
+        return str(cupy.cuda.runtime.getDeviceProperties(0)["name"].decode())
+    except Exception as exc:  # noqa: BLE001
+        return f"unknown ({exc})"
+
+
+def _emit(result: dict[str, Any], path: str) -> None:
     text = json.dumps(result, indent=2)
     print(text)
-    if args.json:
-        with open(args.json, "w") as f:
+    if path:
+        with open(path, "w") as f:
             f.write(text)
 
 

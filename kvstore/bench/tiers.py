@@ -41,7 +41,10 @@ def disk_of(directory: str) -> str:
     """What backs ``directory`` (findmnt: source, filesystem), for the report."""
     try:
         out = subprocess.run(
-            ["findmnt", "-n", "-o", "SOURCE,FSTYPE", "-T", directory], capture_output=True, text=True, timeout=5
+            ["findmnt", "-n", "-o", "SOURCE,FSTYPE", "-T", directory],
+            capture_output=True,
+            text=True,
+            timeout=5,
         ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         out = ""
@@ -49,7 +52,9 @@ def disk_of(directory: str) -> str:
     return f"{out or '?'} ({format_size(usage.free)} free of {format_size(usage.total)})"
 
 
-def _raw_io(path: str, direct: bool, offsets: list[int], size: int, base: int, threads: int, write: bool) -> float:
+def _raw_io(
+    path: str, direct: bool, offsets: list[int], size: int, base: int, threads: int, write: bool
+) -> float:
     """Seconds to pwrite/preadv every segment of ``size`` at ``offsets`` from/to memory at ``base``."""
     flags = os.O_RDWR | (getattr(os, "O_DIRECT", 0) if direct else 0)
     fd = os.open(path, flags)
@@ -163,12 +168,15 @@ def demotion(directory: str, dram: int, layers: int = 4, segment: int = 256 << 1
         client.create_namespace(page_size=page_size, num_layers=layers, segment_bytes=segment)
         pages_per_put = max(1, min(64, (64 << 20) // slot))
         kv = np.random.default_rng(1).integers(0, 256, (pages_per_put, segment), dtype=np.uint8)
-        under = int(dram * (high - 0.05)) // slot
+        # fill to just under the high watermark, a put of up to pages_per_put pages at a time
+        left = int(dram * (high - 0.05)) // slot
         seed = 0
-        while seed * pages_per_put + pages_per_put <= under:
-            tokens = prompt(10_000 + seed, pages_per_put * page_size)
+        while left > 0:
+            count = min(left, pages_per_put)
+            tokens = prompt(10_000 + seed, count * page_size)
             for layer in range(layers):
-                client.put_layer(tokens, layer, kv)
+                client.put_layer(tokens, layer, kv[:count])
+            left -= count
             seed += 1
 
         def dram_usage() -> tuple[int, int]:
@@ -179,12 +187,15 @@ def demotion(directory: str, dram: int, layers: int = 4, segment: int = 256 << 1
             return 0, 0
 
         _, before = dram_usage()
-        tip = prompt(99_999, 8 * pages_per_put * page_size)[: int(dram * 0.1) // slot * page_size + page_size]
-        tip_kv = np.random.default_rng(2).integers(0, 256, (len(tip) // page_size, segment), dtype=np.uint8)
+        tip_pages = min(pages_per_put, int(dram * 0.1) // slot + 1)  # over the high watermark
+        tip = prompt(99_999, tip_pages * page_size)
+        tip_kv = kv[:tip_pages]
         start = time.perf_counter()
         for layer in range(layers):
             client.put_layer(tip, layer, tip_kv)
-        wait_for(lambda: dram_usage()[0] <= low * dram + slot, 300.0, "DRAM to drain to its low watermark", 0.005)
+        wait_for(
+            lambda: dram_usage()[0] <= low * dram + slot, 300.0, "DRAM to drain to its low watermark", 0.005
+        )
         elapsed = time.perf_counter() - start
         _, after = dram_usage()
         pages = after - before

@@ -40,7 +40,9 @@ def prefix_keys(master: Master, namespace: str, tokens: str | None, key: str | N
         except ValueError:
             raise KVStoreError(ErrorCode.BAD_KEYS, "--key wants hexadecimal page keys") from None
         if not raw or any(len(k) != keys.KEY_BYTES for k in raw):
-            raise KVStoreError(ErrorCode.BAD_KEYS, f"each --key must be {keys.KEY_BYTES} bytes (32 hex digits)")
+            raise KVStoreError(
+                ErrorCode.BAD_KEYS, f"each --key must be {keys.KEY_BYTES} bytes (32 hex digits)"
+            )
         return keys.pack_keys(raw)
     if not namespace:
         raise KVStoreError(ErrorCode.INVALID_ARGUMENT, "--tokens needs --namespace")
@@ -99,7 +101,7 @@ def cmd_drain(args: argparse.Namespace, cfg: kvconfig.Config) -> int:
     with Master(cfg) as master:
         request = pb.DrainNodeRequest(node_id=args.node, force=args.force, cancel=args.cancel)
         reply: pb.DrainNodeResponse = master.admin("DrainNode", request)
-        poll = pb.DrainNodeRequest(node_id=args.node)
+        poll = pb.DrainNodeRequest(node_id=args.node, status_only=True)
         while reply.state == "running" and not args.no_wait and not args.cancel:
             if tty:
                 print("\r" + _bar(reply), end="", flush=True)
@@ -133,4 +135,6 @@ def add_commands(command: object) -> None:
     drain.add_argument("node", help="node id (kvstore nodes)")
     drain.add_argument("--force", action="store_true", help="unregister even if some pages fit nowhere")
     drain.add_argument("--cancel", action="store_true", help="stop a drain in progress")
-    drain.add_argument("--no-wait", action="store_true", help="start it and return (poll with kvstore drain NODE)")
+    drain.add_argument(
+        "--no-wait", action="store_true", help="start it and return (poll with kvstore drain NODE)"
+    )

@@ -48,6 +48,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="directory of the node's pool file [KVSTORE_SHM_DIR; default /dev/shm]",
     )
+    parser.add_argument(
+        "--nvme",
+        dest="nvme",
+        default=None,
+        help="NVMe tier of the node: SIZE:DIRECTORY [KVSTORE_NVME; default none]",
+    )
     parser.add_argument("--demo", action="store_true", help="after start, write and read back a short prompt")
     parser.add_argument(
         "--demo-exit", action="store_true", help="with --demo: stop once the demo ran (for tests)"
@@ -68,6 +74,14 @@ def run(args: argparse.Namespace, cfg: kvconfig.Config) -> int:
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     extra: dict[str, Any] = {"log_level": cfg.log_level}
+    if cfg.nvme:  # tiers: a DRAM + NVMe node
+        from kvstore.tiers.nvme import parse_spec
+
+        try:
+            extra["nvme"], extra["nvme_dir"] = parse_spec(cfg.nvme)
+        except ValueError as exc:
+            print(f"kvstore up: {exc}", file=sys.stderr)
+            return 1
     # unique among the clusters sharing a shm dir, so `up` only ever judges (and sweeps) its own pool file
     node_id = f"{socket.gethostname()}-{cfg.port or secrets.token_hex(3)}"
     cluster = Cluster(

@@ -845,7 +845,9 @@ class KVStoreClient:
         Iterating the stream yields a :class:`~kvstore.client.types.LayerReady`
         per wanted layer, in the order they become ready, once its bytes are in
         ``out``; ``stream.wait_layer(layer)`` waits for one.  ``out`` follows
-        get_prefix's rule: ``[len(layers), num_full_pages, shard_bytes]`` bytes.
+        get_prefix's rule: ``[len(layers), num_full_pages, shard_bytes]`` bytes in
+        host or GPU memory (a CUDA array: ``LayerReady.data`` is ``out[index, :num_pages]``),
+        or one :class:`~kvstore.gpu.PagedKV` per layer (``LayerReady.data`` is that layer's).
         Pages whose writer went away before committing a wanted layer, or that
         vanished during a read, end the hit there (``num_pages`` only shrinks).
         ``stream.close()`` (or ``with``) cancels it and releases the lease; it
@@ -859,8 +861,11 @@ class KVStoreClient:
         head_range = layout.check_heads(heads)
         shard = layout.shard_bytes(head_range)
         total = len(layer_list) * num_pages * shard
+        side = gpu_plane.caller_side(out, "out", layout, layer_list, head_range, num_pages, writable=True)
         if out is None:
             buffer = np.empty(total, dtype=np.uint8)
+        elif side is not None:  # GPU memory or an engine's paged pools: read per layer as get_prefix does
+            buffer = side.buffer
         else:
             buffer = byte_view(out, "out", writable=True)
             check_size(
@@ -885,7 +890,7 @@ class KVStoreClient:
             wait_ms=wait,
             layers=np.asarray(layer_list, dtype="<u2").tobytes(),
         )
-        return PrefixStream(self, request, layout, layer_list, head_range, buffer, num_pages)
+        return PrefixStream(self, request, layout, layer_list, head_range, buffer, num_pages, side)
 
     def _describe(self, lease: LeaseRef) -> pb.AcquirePrefixResponse:
         if isinstance(lease, Lease):

@@ -8,6 +8,9 @@ leading pages of each wanted layer are committed.  A layer whose count reaches
 the stream's page count is read at once, with the same transport machinery as
 ``get_prefix`` (one batch per node, generation re-check, checksums), into the
 caller's ``out``, then handed out as a :class:`~kvstore.client.types.LayerReady`.
+``out`` may be GPU memory (a canonical CUDA array, or one :class:`~kvstore.gpu.PagedKV`
+per layer): each read then takes the GPU path of ``get_prefix`` for its layers
+(copy engines or one kernel, completed before the generation re-check).
 
 A page found missing or changed during a read ends the hit there for that
 layer and every later one: ``num_pages`` only shrinks.  When every wanted layer
@@ -39,6 +42,7 @@ if TYPE_CHECKING:
     import concurrent.futures
 
     from kvstore.client.client import KVStoreClient
+    from kvstore.gpu import CallerSide
 
 log = logging.getLogger("kvstore.client.stream")
 
@@ -68,8 +72,10 @@ class PrefixStream:
         heads: tuple[int, int],
         buffer: np.ndarray,
         num_full_pages: int,
+        side: CallerSide | None = None,
     ) -> None:
         self._client = client
+        self._side = side  # GPU memory or paged pools: ``buffer`` is then a placeholder (or their staging)
         self._layout = layout
         self.layers = list(layers)
         self.heads = heads
@@ -195,13 +201,15 @@ class PrefixStream:
                 self.heads,
                 self._buffer[first * per_layer : stop * per_layer],
                 self._full_pages,
+                None if self._side is None else self._side.layers(first, stop, per_layer),
             )
             found = self._client._read(self._placements, count, plan)
             if found < count:
                 log.info("layer stream: pages from %d on vanished or changed under the read", found)
                 self.num_pages = count = found
         for i in range(first, stop):
-            ready = LayerReady(self.layers[i], i, count, self.data[i, :count])
+            data = self.data[i, :count] if self._side is None else self._side.layer_data(i, self.data[i], count)
+            ready = LayerReady(self.layers[i], i, count, data)
             self._delivered[ready.layer] = ready
             self._unyielded.append(ready)
 
@@ -235,7 +243,8 @@ class PrefixStream:
 
     def _finish_empty(self) -> None:
         for i, layer in enumerate(self.layers):
-            ready = LayerReady(layer, i, 0, self.data[i, :0])
+            data = self.data[i, :0] if self._side is None else self._side.layer_data(i, self.data[i], 0)
+            ready = LayerReady(layer, i, 0, data)
             self._delivered[layer] = ready
             self._unyielded.append(ready)
 

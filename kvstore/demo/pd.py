@@ -105,6 +105,9 @@ class _Worker:
         self.gpu_direct = self.device.type == "cuda" and _sdk_takes_cuda()
         if self.device.type == "cuda" and not self.gpu_direct:
             log.warning("this kvstore has no GPU data plane: KV goes through host memory (.cpu())")
+        # Streams read into CUDA tensors too where the SDK takes them (get_prefix_stream with a GPU
+        # ``out``); an SDK whose streams refuse them falls back to host memory for streams alone.
+        self.gpu_stream = self.gpu_direct
         self._cache_kw = cache_argument(self.model)
         self.computed_tokens = 0  # tokens the model was given since the last reset (a pre-hook counts them)
         self.model.model.register_forward_pre_hook(self._count_tokens, with_kwargs=True)
@@ -143,9 +146,9 @@ class _Worker:
         out = self.model(input_ids=x, use_cache=True, logits_to_keep=1, **{self._cache_kw: cache})
         return out.logits[0, -1]
 
-    def _read_buffer(self, num_pages: int) -> Any:
+    def _read_buffer(self, num_pages: int, direct: bool | None = None) -> Any:
         """Where get_prefix lands the pages: a CUDA tensor when the SDK takes one, else host memory (None)."""
-        if not self.gpu_direct or num_pages == 0:
+        if not (self.gpu_direct if direct is None else direct) or num_pages == 0:
             return None
         import torch
 
@@ -160,7 +163,7 @@ class _Worker:
         key, value = from_pages(pages, self.spec, self.device)
         cache.update(key, value, layer)
 
-    def _with_host_fallback(self, read: Any, out: Any) -> tuple[Any, Any]:
+    def _with_host_fallback(self, read: Any, out: Any, flag: str = "gpu_direct") -> tuple[Any, Any]:
         """``read(out)``; where ``out`` is a CUDA tensor this SDK does not take, ``read(None)`` (host memory).
 
         Returns (what read returned, the buffer it read into: ``out`` or None).
@@ -171,7 +174,7 @@ class _Worker:
             if out is None or (isinstance(exc, KVStoreError) and exc.code is not ErrorCode.INVALID_ARGUMENT):
                 raise
             log.warning("the SDK did not take a CUDA tensor (%s): reading to host memory", exc)
-            self.gpu_direct = False
+            setattr(self, flag, False)
             return read(None), None
 
     def load_prefix(self, ids: np.ndarray) -> tuple[Any, int]:
@@ -353,7 +356,8 @@ class DecodeWorker(_Worker):
                 lambda buffer: self.client.get_prefix_stream(
                     ids, out=buffer, wait_ms=self.settings.stream_wait_ms
                 ),
-                self._read_buffer(num_pages),
+                self._read_buffer(num_pages, self.gpu_stream),
+                "gpu_stream",
             )
             with opened as stream:
                 if stream.num_pages == 0:

@@ -53,6 +53,33 @@ class CallerSide:
                 layouts.scatter_canonical(pool, data[li, :found])
         return self.data if self.data is not None else data[:, :found]
 
+    def layers(self, first: int, stop: int, layer_bytes: int) -> Any:
+        """The GPU side of positions ``[first, stop)`` of the plan's layers (a streamed read); None for CPU."""
+        return None if self.gpu is None else self.gpu.layers(first, stop, layer_bytes)
+
+    def layer_data(self, index: int, data: np.ndarray, found: int) -> Any:
+        """What a streamed layer hands back once position ``index`` holds ``found`` pages.
+
+        GPU canonical ``out``: ``out[index, :found]`` where ``out`` has a layer axis,
+        else ``out`` itself.  GPU paged pools: that layer's :class:`PagedKV`, its blocks
+        filled.  CPU paged pools: their blocks are filled from ``data`` (the layer's
+        ``[found, shard_bytes]`` canonical host bytes), which is handed back, as hit_data does.
+        """
+        if self._cpu_pools:
+            if found:
+                layouts.scatter_canonical(self._cpu_pools[index], data[:found])
+            return data[:found]
+        if isinstance(self.data, PagedKV):
+            return self.data
+        if isinstance(self.data, list | tuple):
+            return self.data[index]
+        if self.data is None:
+            return data[:found]
+        shape: tuple[int, ...] = tuple(getattr(self.data, "shape", ()))
+        if len(shape) >= 2 and int(shape[0]) > index:
+            return self.data[index, :found]
+        return self.data
+
 
 def caller_side(
     obj: Any,

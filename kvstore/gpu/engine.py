@@ -3,7 +3,10 @@
 One :class:`GpuEngine` per device holds the compiled module and a non-blocking
 stream of its own.  Every transfer is one launch over a packed op table (all
 segments of a layer batch, or of many layers); the table goes to the device on
-the same stream.  Imports CuPy: only loaded when a GPU array is actually passed.
+the same stream.  Canonical arrays whose slots form a few runs of consecutive slots
+move by the copy engines instead (:meth:`GpuEngine.copy_rects`: one
+cudaMemcpy2DAsync per run, see kvstore/gpu/transfer.py).  Imports CuPy: only
+loaded when a GPU array is actually passed.
 """
 
 from __future__ import annotations
@@ -72,6 +75,11 @@ class GpuEngine:
         self.configure(THREADS, BLOCKS_PER_SM)
         self._lock = threading.Lock()  # one transfer at a time per device: the stream is shared
         self._keep: cupy.ndarray | None = None
+        # Benchmarks set ``timing``: every transfer then records the GPU time of its copies
+        # (events around them), read back as ``last_copy_s`` after the sync.
+        self.timing = False
+        self.last_copy_s = 0.0
+        self._events: tuple[cupy.cuda.Event, cupy.cuda.Event] | None = None
 
     def configure(self, threads: int, blocks_per_sm: int) -> None:
         """Launch shape: threads per block, and blocks per SM at most (benchmarks tune it)."""
@@ -91,7 +99,8 @@ class GpuEngine:
             return
         with cupy.cuda.Device(self.device):
             event = cupy.cuda.Event(disable_timing=True)
-            event.record(cupy.cuda.ExternalStream(int(producer_stream)))
+            # Recorded by handle: the producer's stream is a raw pointer (array interface v3).
+            cupy.cuda.runtime.eventRecord(event.ptr, int(producer_stream))
             self.stream.wait_event(event)
 
     def _launch(self, kernel: cupy.RawKernel, table: np.ndarray, width: int) -> None:
@@ -113,6 +122,27 @@ class GpuEngine:
         """Queue one launch over (dst, src, row_bytes, rows, dst_pitch, src_pitch) rows."""
         self._launch(self._rows, table, 6)
 
+    def copy_rects(self, rects: np.ndarray) -> None:
+        """Queue one cudaMemcpy2DAsync per (dst, dst_pitch, src, src_pitch, width, height) row.
+
+        The copy engines move a strided region at the speed of one plain copy; a
+        run of pages in consecutive slots is one region per layer and head run.
+        """
+        runtime = cupy.cuda.runtime
+        with cupy.cuda.Device(self.device):
+            for dst, dpitch, src, spitch, width, height in np.asarray(rects, dtype=np.uint64).tolist():
+                runtime.memcpy2DAsync(
+                    dst, dpitch, src, spitch, width, height, runtime.memcpyDefault, self.stream.ptr
+                )
+
+    def begin(self) -> None:
+        """Mark the start of a transfer's copies (records an event when ``timing`` is on)."""
+        if self.timing:
+            with cupy.cuda.Device(self.device):
+                if self._events is None:
+                    self._events = (cupy.cuda.Event(), cupy.cuda.Event())
+                self._events[0].record(self.stream)
+
     def memcpy(self, dst: int, src: int, nbytes: int) -> None:
         """One cudaMemcpyAsync on this stream (contiguous staging)."""
         with cupy.cuda.Device(self.device):
@@ -120,5 +150,12 @@ class GpuEngine:
 
     def sync(self) -> None:
         """Wait until everything queued has finished (before a generation check, a hash, a return)."""
+        timed = self.timing and self._events is not None
+        if timed:
+            assert self._events is not None
+            self._events[1].record(self.stream)
         self.stream.synchronize()
         self._keep = None
+        if timed:
+            assert self._events is not None
+            self.last_copy_s = cupy.cuda.get_elapsed_time(*self._events) / 1000.0

@@ -1,11 +1,14 @@
 """GPU transfers for the transports (imports CuPy; loaded only when a GPU array is passed).
 
-Same host, DRAM tier (:func:`shm_write`, :func:`shm_copy_in`): the client's
-mapping of the node's pool is host-registered once, and one kernel launch moves
-every page and layer of a node batch between the caller's GPU memory (a
-canonical array, or an engine's paged blocks) and the slots.  Writes return
-their run hashes as a callable: the hash is computed on the host from the pool
-bytes after the kernel, off the copy's timing (docs/decisions.md).
+Same host, DRAM tier (:func:`shm_write`, :func:`shm_read`): the client's
+mapping of the node's pool is host-registered once.  A canonical array whose
+batch pages sit in a few runs of consecutive slots moves by the copy engines:
+layer ``l`` of such a run is one strided region (width the shard's head run,
+pitch the slot size, height the run length), one cudaMemcpy2DAsync each, at the
+speed of one plain copy.  Everything else (fragmented slots, an engine's paged
+blocks) is one kernel launch over an op table.  Writes return their run hashes
+as a callable: the hash is computed on the host from the pool bytes after the
+copy, off the copy's timing (docs/decisions.md).
 
 Other host (:func:`staged_write`, :func:`staged_read`): the GPU side is
 gathered into (or scattered from) a pinned staging buffer of the device by one
@@ -33,6 +36,10 @@ if TYPE_CHECKING:
     from kvstore.transports.tcp import TcpTransport
 
 _CUDA_DLPACK = (2, 13)
+# The copy-engine path is taken while a batch needs at most this many strided copies
+# (layers x head runs x runs of consecutive slots); more fragmented batches take the
+# one-launch kernel, whose cost does not grow with the number of runs.
+MAX_RECT_COPIES = 64
 
 
 @dataclasses.dataclass
@@ -44,6 +51,21 @@ class GpuPlan:
     canonical: arrays.ArrayInfo | None = None  # [len(layers)][num_pages][shard_bytes], C-contiguous
     pools: list[layouts.PoolGeometry] | None = None  # one per layer of the plan
     producer_stream: int | None = None  # stream the caller's array was last written on (if it said)
+
+    def layers(self, first: int, stop: int, layer_bytes: int) -> GpuPlan:
+        """The plan of layers ``[first, stop)`` of this one (a streamed read of some layers)."""
+        if self.canonical is not None:
+            c = self.canonical
+            part = dataclasses.replace(
+                c,
+                ptr=c.ptr + first * layer_bytes,
+                shape=((stop - first) * layer_bytes,),
+                strides=(1,),
+                itemsize=1,
+            )
+            return dataclasses.replace(self, canonical=part)
+        assert self.pools is not None
+        return dataclasses.replace(self, pools=self.pools[first:stop])
 
 
 def device_of(obj: Any) -> int:
@@ -147,9 +169,63 @@ def _slot_run_starts(plan: CopyPlan, batch: NodeBatch, data_address: int) -> np.
     return np.broadcast_to(slots[None, :], (len(plan.layers), len(batch)))
 
 
+def slot_rects(plan: CopyPlan, batch: NodeBatch, data_address: int, to_slots: bool) -> np.ndarray | None:
+    """The batch as strided copies between a canonical array and the slots, or None if too fragmented.
+
+    Rows (dst, dst_pitch, src, src_pitch, width, height): one per layer, head run
+    (1 for all heads, 2 for a head range: K and V) and run of pages that sit in
+    consecutive slots and consecutive positions of the array.
+    """
+    gpu: GpuPlan = plan.device
+    assert gpu.canonical is not None
+    layout = plan.layout
+    count = len(batch)
+    if count == 0:
+        return np.empty((0, 6), dtype=np.uint64)
+    slots = batch.slot_offsets.astype(np.int64)
+    pages = batch.pages
+    breaks = np.flatnonzero((np.diff(slots) != batch.slot_bytes) | (np.diff(pages) != 1)) + 1
+    head_runs = np.array(layout.shard_runs(plan.heads), dtype=np.uint64)  # (in segment, in shard, length)
+    if len(plan.layers) * len(head_runs) * (len(breaks) + 1) > MAX_RECT_COPIES:
+        return None
+    starts = np.concatenate(([0], breaks))
+    heights = np.diff(np.concatenate((starts, [count]))).astype(np.uint64)
+    shard = np.uint64(plan.shard_bytes)
+    layer_stride = np.uint64(plan.num_pages * plan.shard_bytes)
+    layer_idx = np.arange(len(plan.layers), dtype=np.uint64)
+    segment = np.array([layout.segment_offset(x) for x in plan.layers], dtype=np.uint64)
+    # [layers, head runs, page runs]
+    slot_side = (
+        np.uint64(data_address)
+        + batch.slot_offsets.astype(np.uint64)[starts][None, None, :]
+        + segment[:, None, None]
+        + head_runs[None, :, 0, None]
+    )
+    array_side = (
+        np.uint64(gpu.canonical.ptr)
+        + layer_idx[:, None, None] * layer_stride
+        + pages[starts].astype(np.uint64)[None, None, :] * shard
+        + head_runs[None, :, 1, None]
+    )
+    rects = np.empty((*slot_side.shape, 6), dtype=np.uint64)
+    rects[..., 0] = slot_side if to_slots else array_side
+    rects[..., 1] = np.uint64(batch.slot_bytes) if to_slots else shard
+    rects[..., 2] = array_side if to_slots else slot_side
+    rects[..., 3] = shard if to_slots else np.uint64(batch.slot_bytes)
+    rects[..., 4] = head_runs[None, :, 2, None]
+    rects[..., 5] = heights[None, None, :]
+    return rects.reshape(-1, 6)
+
+
 def _to_slots(plan: CopyPlan, batch: NodeBatch, data_device_address: int, to_slots: bool) -> None:
     gpu: GpuPlan = plan.device
+    gpu.engine.begin()
     if gpu.canonical is not None:
+        rects = slot_rects(plan, batch, data_device_address, to_slots)
+        if rects is not None:
+            gpu.engine.wait_for(gpu.producer_stream)
+            gpu.engine.copy_rects(rects)
+            return
         _launch(plan, batch, _slot_run_starts(plan, batch, data_device_address), 0, to_slots)
     else:
         half_stride = plan.layout.kv_heads * plan.layout.head_bytes
@@ -173,15 +249,16 @@ def shm_write(
     with gpu.engine:
         _to_slots(plan, batch, _pool_device_data(transport, gpu.device), True)
         gpu.engine.sync()
-    runs = plan.table(batch, np.uint64(transport.pool.data_address) + batch.slot_offsets, True, 0)
-    ranges = np.ascontiguousarray(runs[..., [0, 2]].reshape(-1, 2))
-    shape = runs.shape[:3]
+    data_address = transport.pool.data_address
     hold = contextlib.ExitStack()
     hold.enter_context(transport.in_use())  # the pool stays mapped until the hash has read it
 
     def hashes() -> np.ndarray:
+        # The hash table is built here, on the client's hash thread, not on the caller's.
         try:
-            return native.hash_ranges(ranges, threads).reshape(shape)
+            runs = plan.table(batch, np.uint64(data_address) + batch.slot_offsets, True, 0)
+            ranges = np.ascontiguousarray(runs[..., [0, 2]].reshape(-1, 2))
+            return native.hash_ranges(ranges, threads).reshape(runs.shape[:3])
         finally:
             hold.close()
 
@@ -202,6 +279,7 @@ def shm_read(transport: ShmTransport, batch: NodeBatch, plan: CopyPlan) -> None:
 def _stage(plan: CopyPlan, batch: NodeBatch, staging: hostreg.StagingBuffer, to_stage: bool) -> None:
     gpu: GpuPlan = plan.device
     total = len(plan.layers) * plan.num_pages * plan.shard_bytes
+    gpu.engine.begin()
     if gpu.canonical is not None:
         if len(batch) == plan.num_pages:  # the whole buffer: one plain copy
             gpu.engine.wait_for(gpu.producer_stream)

@@ -1166,6 +1166,8 @@ class Master:
         slot_offsets = np.zeros(count, dtype=np.uint64)
         generations = np.zeros(count, dtype=np.uint32)
         placed = np.flatnonzero(rows >= 0)
+        # tiers: a page on NVMe is never handed to a client (callers promote first); none here
+        placed = placed[self.nodes.tier_code[index.node[rows[placed]]] != TIER_CODE["nvme"]]
         msg = pb.Placements(slot_bytes=slot_bytes)
         if len(placed):
             placed_rows = rows[placed]

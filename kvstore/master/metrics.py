@@ -54,6 +54,11 @@ def render(master: Master) -> str:
         ("kvstore_node_hits_total", "counter", lambda n, t: t.hits),
         ("kvstore_node_lookups_total", "counter", lambda n, t: t.lookups),
         ("kvstore_node_evictions_total", "counter", lambda n, t: t.evictions),
+        # tiers
+        ("kvstore_node_segments", "gauge", lambda n, t: t.segments),
+        ("kvstore_node_demotions_total", "counter", lambda n, t: t.demotions),
+        ("kvstore_node_promotions_total", "counter", lambda n, t: t.promotions),
+        ("kvstore_node_draining", "gauge", lambda n, t: int(t.draining)),
     )
     for name, kind, value in per_node:
         lines.append(f"# TYPE {name} {kind}")
@@ -61,6 +66,17 @@ def render(master: Master) -> str:
             for tier in node.tiers:
                 labels = f'node="{_escape(node.node_id)}",tier="{_escape(tier.tier)}"'
                 lines.append(f"{name}{{{labels}}} {value(node, tier)}")
+    tiering = master.tiering
+    lines += [
+        "# TYPE kvstore_tier_pages_demoted_total counter",
+        f"kvstore_tier_pages_demoted_total {tiering.pages_demoted}",
+        "# TYPE kvstore_tier_bytes_demoted_total counter",
+        f"kvstore_tier_bytes_demoted_total {tiering.bytes_demoted}",
+        "# TYPE kvstore_tier_pages_promoted_total counter",
+        f"kvstore_tier_pages_promoted_total {tiering.pages_promoted}",
+        "# TYPE kvstore_tier_move_seconds_total counter",
+        f"kvstore_tier_move_seconds_total {tiering.move_seconds:.6f}",
+    ]
     lines.append("# TYPE kvstore_namespace_pages gauge")
     for ns in stats.namespaces:
         lines.append(f'kvstore_namespace_pages{{namespace="{_escape(ns.name)}"}} {ns.pages}')

@@ -304,7 +304,9 @@ class AdminServicer(pb_grpc.AdminServicer):
         master = await self.role.master()
         if not request.node_id or len(request.node_id) > 256:
             raise KVStoreError(ErrorCode.INVALID_ARGUMENT, "node_id must be 1-256 characters")
-        return await master.tiering.drain(request.node_id, force=request.force, cancel=request.cancel)
+        return await master.tiering.drain(
+            request.node_id, force=request.force, cancel=request.cancel, status_only=request.status_only
+        )
 
     @grpc_errors
     async def GetConfig(

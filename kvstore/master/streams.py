@@ -269,6 +269,13 @@ class StreamTable:
             arrival = self._arrivals.setdefault(ns.ns_id, asyncio.Event())
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(arrival.wait(), left)
+        if count and master.tiering.needs_promotion(rows[:count]):
+            # tiers: NVMe pages are never handed out; promote them to DRAM, match again, and
+            # end the prefix at any page still on NVMe (the lease is created right after)
+            await master.tiering.promote_for_read(rows[:count])
+            master.check_leading()
+            rows, count = self._streamable(ns, packed_keys)
+            count = master.tiering.readable_prefix(rows, count)
         if count == 0:
             yield pb.StreamPrefixUpdate(num_pages=0, done=True)
             return

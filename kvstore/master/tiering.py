@@ -200,7 +200,9 @@ class Tiering:
         return self.master.nodes.by_index.get(record.index) is record and record.alive
 
     def needs_promotion(self, rows: np.ndarray) -> bool:
-        return bool(len(rows)) and bool(np.any(self.master.nodes.tier_code[self.master.index.node[rows]] == NVME))
+        return bool(len(rows)) and bool(
+            np.any(self.master.nodes.tier_code[self.master.index.node[rows]] == NVME)
+        )
 
     def readable_prefix(self, rows: np.ndarray, matched: int) -> int:
         """Leading pages of ``rows[:matched]`` a client may read (none on NVMe)."""
@@ -222,8 +224,8 @@ class Tiering:
         master = self.master
         now = master.clock()
         for record in list(master.nodes.by_index.values()):
-            if not record.alive or record.warm_until > now or record.index in self._busy:
-                continue
+            if not record.alive or record.warm_until > now or record.index in self._busy or record.draining:
+                continue  # (a draining node's pages leave by the drain, not by demotion or eviction)
             high, low = self.watermarks.get(record.tier, self.watermarks["dram"])
             allocator = record.allocator
             # past high, a region keeps going (batch by batch, tick by tick) until it is under low
@@ -240,7 +242,8 @@ class Tiering:
                 rows = self.policy.demotion_candidates(master.index, record.index, need, now, self.batch)
                 if len(rows) and _loop_running():
                     task = asyncio.get_running_loop().create_task(
-                        self._demote(record, lower, rows), name=f"kvstore-demote-{record.node_id}-{record.tier}"
+                        self._demote(record, lower, rows),
+                        name=f"kvstore-demote-{record.node_id}-{record.tier}",
                     )
                     self._busy[record.index] = task
                     task.add_done_callback(self._forget_busy(record.index))
@@ -450,7 +453,9 @@ class Tiering:
             )
         ok = np.frombuffer(response.ok, dtype=np.uint8)
         if len(ok) != len(src_slots):
-            raise KVStoreError(ErrorCode.INTERNAL, f"move answered {len(ok)} results for {len(src_slots)} slots")
+            raise KVStoreError(
+                ErrorCode.INTERNAL, f"move answered {len(ok)} results for {len(src_slots)} slots"
+            )
         if not ok.all():
             log.warning(
                 "%d of %d slots not moved %s/%s -> %s/%s: %s",
@@ -517,22 +522,30 @@ class Tiering:
         return await self.transfer(src, dst, rows)
 
     # ------------------------------------------------------------------ drain
-    async def drain(self, node_id: str, force: bool = False, cancel: bool = False) -> pb.DrainNodeResponse:
-        """Start (or report on, or cancel) the drain of ``node_id``."""
+    async def drain(
+        self, node_id: str, force: bool = False, cancel: bool = False, status_only: bool = False
+    ) -> pb.DrainNodeResponse:
+        """Start (or report on, or cancel) the drain of ``node_id``.
+
+        A drain in progress, or one that finished (the node is gone), is
+        reported; a failed or cancelled one is started again unless
+        ``status_only``.
+        """
         master = self.master
         progress = self.drains.get(node_id)
         task = self._drain_tasks.get(node_id)
+        running = task is not None and not task.done()
         if cancel:
-            if progress is None or task is None or task.done():
+            if progress is None or not running:
                 raise KVStoreError(ErrorCode.NODE_NOT_FOUND, f"no drain of node {node_id} is running")
             progress.cancelled = True
             return progress.response()
-        if progress is not None and (task is not None and not task.done() or progress.state != "running"):
-            record = master.nodes.get(node_id)
-            # a finished drain is reported until the node (a new incarnation) is drained again
-            if task is not None and not task.done() or record is None or record.incarnation == progress.incarnation:
+        if progress is not None and (running or status_only or progress.state == "done"):
+            if running:
                 progress.force = progress.force or force
-                return progress.response()
+            return progress.response()
+        if status_only:
+            raise KVStoreError(ErrorCode.NODE_NOT_FOUND, f"node {node_id} has not been drained")
         record = master.nodes.get(node_id)
         if record is None or not record.alive:
             raise KVStoreError(ErrorCode.NODE_NOT_FOUND, f"node {node_id} is not registered")
@@ -542,7 +555,9 @@ class Tiering:
         self.drains[node_id] = progress
         for region in record.regions:
             region.draining = True
-        task = asyncio.get_running_loop().create_task(self._drain(record, progress), name=f"kvstore-drain-{node_id}")
+        task = asyncio.get_running_loop().create_task(
+            self._drain(record, progress), name=f"kvstore-drain-{node_id}"
+        )
         self._drain_tasks[node_id] = task
         log.info("draining node %s: %d pages", node_id, progress.pages_total)
         return progress.response()
@@ -580,7 +595,9 @@ class Tiering:
                     self.drained.add((record.node_id, record.incarnation))
                     master._drop_node(record)
                 progress.state = "done"
-                progress.message = f"moved {progress.pages_moved} pages" + (f", dropped {left}" if left else "")
+                progress.message = f"moved {progress.pages_moved} pages" + (
+                    f", dropped {left}" if left else ""
+                )
         if progress.state != "done" and self._registered(record):
             for region in record.regions:
                 region.draining = False

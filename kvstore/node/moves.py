@@ -51,7 +51,9 @@ class Region:
 def packed(raw: bytes, dtype: str, what: str) -> np.ndarray:
     size = np.dtype(dtype).itemsize
     if len(raw) % size:
-        raise KVStoreError(ErrorCode.INVALID_ARGUMENT, f"{what}: {len(raw)} bytes is not a whole number of rows")
+        raise KVStoreError(
+            ErrorCode.INVALID_ARGUMENT, f"{what}: {len(raw)} bytes is not a whole number of rows"
+        )
     return np.frombuffer(raw, dtype=dtype)
 
 
@@ -119,7 +121,9 @@ class Mover:
                     self._copy, src, dst, src_slots[pick], dst_slots[pick], sizes[pick]
                 )
             except (OSError, KVStoreError) as exc:
-                log.warning("move %s -> %s of %d slots failed: %s", src.tier.tier, dst.tier.tier, len(pick), exc)
+                log.warning(
+                    "move %s -> %s of %d slots failed: %s", src.tier.tier, dst.tier.tier, len(pick), exc
+                )
                 verified = np.zeros(len(pick), dtype=bool)
                 why = why or str(exc)
             if not verified.all():
@@ -151,7 +155,9 @@ class Mover:
             expected = src.tier.checksums[(src_slots // SLOT_UNIT).astype(np.int64)]  # type: ignore[attr-defined]
             good = sums == expected
             if not good.all():
-                log.warning("%d slots read back from NVMe failed their checksum", int(np.count_nonzero(~good)))
+                log.warning(
+                    "%d slots read back from NVMe failed their checksum", int(np.count_nonzero(~good))
+                )
             return np.asarray(good)
         if kinds == ("vram", "dram"):
             addresses = np.uint64(dst.tier.data_address) + dst_slots
@@ -189,7 +195,9 @@ class Mover:
         ok = at >= 0
         sizes = np.zeros(len(src_slots), dtype=np.uint64)
         sizes[ok] = rec_sizes[at[ok]]
-        ok &= (sizes > 0) & (sizes % SLOT_UNIT == 0) & (dst_slots + sizes <= np.uint64(dst.tier.capacity_bytes))
+        ok &= (
+            (sizes > 0) & (sizes % SLOT_UNIT == 0) & (dst_slots + sizes <= np.uint64(dst.tier.capacity_bytes))
+        )
         why = "" if ok.all() else "no record for a source slot, or destination out of range"
         pick = np.flatnonzero(ok)
         if len(pick):
@@ -199,7 +207,11 @@ class Mover:
             ranges = np.stack((np.uint64(dst.tier.data_address) + dst_slots[pick], sizes[pick]), axis=1)
             try:
                 bad = await asyncio.to_thread(
-                    self._pull_bytes, request.source.data_address, request.grant.SerializeToString(), ops, ranges
+                    self._pull_bytes,
+                    request.source.data_address,
+                    request.grant.SerializeToString(),
+                    ops,
+                    ranges,
                 )
             except (OSError, KVStoreError) as exc:
                 log.warning("pull of %d slots from %s failed: %s", len(pick), request.source.node_id, exc)

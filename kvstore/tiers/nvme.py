@@ -148,7 +148,8 @@ class NvmeRegion(Tier):
             except OSError as exc:
                 if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
                     raise OSError(
-                        exc.errno, f"cannot reserve {capacity} bytes for the NVMe tier in {directory}: {exc.strerror}"
+                        exc.errno,
+                        f"cannot reserve {capacity} bytes for the NVMe tier in {directory}: {exc.strerror}",
                     ) from exc
                 os.ftruncate(fd, capacity)  # no fallocate on this filesystem: sparse file
             io_fd = fd

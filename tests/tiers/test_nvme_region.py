@@ -52,7 +52,9 @@ def test_roundtrip_of_scattered_slots(tmp_path, direct: str) -> None:
         np.testing.assert_array_equal(src[:total], dst[:total])
         assert region.bytes_written == region.bytes_read == total
         with pytest.raises(KVStoreError):
-            region.read_into(np.array([16 * MiB], np.uint64), np.array([dst.ctypes.data], np.uint64), sizes[:1])
+            region.read_into(
+                np.array([16 * MiB], np.uint64), np.array([dst.ctypes.data], np.uint64), sizes[:1]
+            )
         del src, dst
         src_buf.close()
         dst_buf.close()
@@ -70,8 +72,12 @@ def test_o_direct_refused_falls_back_to_buffered_io_with_one_log_line(tmp_path, 
         assert sum("O_DIRECT not available" in r.message for r in caplog.records) == 1
         buf, arr = _buffer(MiB, 5)
         out_buf, out = _buffer(MiB, 6)
-        region.write_from(np.array([MiB], np.uint64), np.array([arr.ctypes.data], np.uint64), np.array([MiB], np.uint64))
-        region.read_into(np.array([MiB], np.uint64), np.array([out.ctypes.data], np.uint64), np.array([MiB], np.uint64))
+        region.write_from(
+            np.array([MiB], np.uint64), np.array([arr.ctypes.data], np.uint64), np.array([MiB], np.uint64)
+        )
+        region.read_into(
+            np.array([MiB], np.uint64), np.array([out.ctypes.data], np.uint64), np.array([MiB], np.uint64)
+        )
         np.testing.assert_array_equal(arr, out)
         del arr, out
         buf.close()
@@ -125,7 +131,13 @@ def test_move_slots_between_dram_and_nvme_checks_and_records(tmp_path) -> None:
             gens = np.array([7, 8], dtype=np.uint32)
             dram_inv.assign(src, gens, b"k" * 32, b"p" * 32, np.full(2, slot, np.uint64), ["ns", "ns"])
             pool.set_generation(src, gens)
-            dram_inv.commit(src, np.zeros(2, np.uint16), np.zeros(2, np.uint16), np.ones(2, np.uint16), np.array([11, 12], np.uint64))
+            dram_inv.commit(
+                src,
+                np.zeros(2, np.uint16),
+                np.zeros(2, np.uint16),
+                np.ones(2, np.uint16),
+                np.array([11, 12], np.uint64),
+            )
             data = np.frombuffer(pool.data_view(), dtype=np.uint8)
             data[: 2 * slot] = np.random.default_rng(9).integers(0, 256, 2 * slot, dtype=np.uint8)
             before = data[: 2 * slot].copy()
@@ -143,9 +155,15 @@ def test_move_slots_between_dram_and_nvme_checks_and_records(tmp_path) -> None:
 
             nvme_slots = np.array([slot * 3, slot * 5], dtype=np.uint64)
             # a stale source generation is refused for that slot only
-            bad = await mover.move(request("dram", "nvme", src, np.array([7, 99], np.uint32), nvme_slots, np.array([1, 1], np.uint32)))
+            bad = await mover.move(
+                request(
+                    "dram", "nvme", src, np.array([7, 99], np.uint32), nvme_slots, np.array([1, 1], np.uint32)
+                )
+            )
             assert list(bad.ok) == [1, 0]
-            moved = await mover.move(request("dram", "nvme", src, gens, nvme_slots, np.array([2, 2], np.uint32)))
+            moved = await mover.move(
+                request("dram", "nvme", src, gens, nvme_slots, np.array([2, 2], np.uint32))
+            )
             assert list(moved.ok) == [1, 1]
             record = nvme_inv.get(int(nvme_slots[1]))
             assert record is not None and record.key == b"k" * 16 and record.generation == 2
@@ -153,13 +171,26 @@ def test_move_slots_between_dram_and_nvme_checks_and_records(tmp_path) -> None:
             # promotion to other DRAM slots, verified against the checksums taken at demotion
             back = np.array([slot * 8, slot * 9], dtype=np.uint64)
             data[int(back[0]) : int(back[0]) + 2 * slot] = 0
-            promoted = await mover.move(request("nvme", "dram", nvme_slots, np.array([2, 2], np.uint32), back, np.array([4, 4], np.uint32)))
+            promoted = await mover.move(
+                request(
+                    "nvme", "dram", nvme_slots, np.array([2, 2], np.uint32), back, np.array([4, 4], np.uint32)
+                )
+            )
             assert list(promoted.ok) == [1, 1]
             np.testing.assert_array_equal(data[int(back[0]) : int(back[0]) + 2 * slot], before)
             assert list(pool.generation(back)) == [4, 4]
             # a corrupted NVMe slot fails its checksum on the way back: not ok, never wrong bytes served
             region.checksums[int(nvme_slots[0]) // 4096] ^= 1
-            corrupt = await mover.move(request("nvme", "dram", nvme_slots[:1], np.array([2], np.uint32), back[:1] + np.uint64(4 * slot), np.array([5], np.uint32)))
+            corrupt = await mover.move(
+                request(
+                    "nvme",
+                    "dram",
+                    nvme_slots[:1],
+                    np.array([2], np.uint32),
+                    back[:1] + np.uint64(4 * slot),
+                    np.array([5], np.uint32),
+                )
+            )
             assert list(corrupt.ok) == [0]
             assert dram_inv.get(int(back[0] + np.uint64(4 * slot))) is None
             del data

@@ -53,6 +53,7 @@ def test_new_leader_adopts_nvme_pages_and_serves_them(attach) -> None:
         leader = cluster.wait_leader()
         cluster.kill_master(leader)
         cluster.wait_leader(exclude=[leader])
+
         # the new leader warms up (old leases may live), then serves every page, NVMe ones promoted
         def all_back() -> bool:
             try:

@@ -65,7 +65,7 @@ def _fill(c, first_seed: int, prompts: int, pages: int = 4) -> list[tuple[np.nda
         data = _data(first_seed + i, pages)
         assert _put(c, tokens, data) == pages
         written.append((tokens, data))
-        time.sleep(0.02)  # let the sweep demote between puts (a tick is 100 ms)
+        time.sleep(0.05)  # let the sweep demote between puts (a tick is 100 ms)
     return written
 
 
@@ -135,9 +135,7 @@ def test_a_lease_taken_before_demotion_reads_the_old_bytes(tiered):
     lease = c.acquire_prefix(tokens)
     assert lease.num_pages == 4
     _fill(c, 200, 20)  # pressure: DRAM demotes everything it may
-    wait_for(
-        lambda: _tiers(cluster)[("node0", "dram")].demotions > 0, 10.0, "demotions to happen"
-    )
+    wait_for(lambda: _tiers(cluster)[("node0", "dram")].demotions > 0, 10.0, "demotions to happen")
     # the leased pages were neither moved nor freed: the lease still reads them, at the same slots
     granted = lease._response.placements
     for _ in range(3):
@@ -176,7 +174,9 @@ def test_pins_hold_until_their_ttl(tiered):
     wait_for(lambda: _tiers(cluster)[("node0", "dram")].demotions > 0, 10.0, "demotions")
     # LRU would have demoted the hot prompt first (it is the oldest): the pin kept it in DRAM
     stub_kv = pb_grpc.KVStoreStub(cluster.channel)
-    acquired = stub_kv.AcquirePrefix(pb.AcquirePrefixRequest(namespace="tiers/ns", keys=_keys(c, hot)), timeout=5)
+    acquired = stub_kv.AcquirePrefix(
+        pb.AcquirePrefixRequest(namespace="tiers/ns", keys=_keys(c, hot)), timeout=5
+    )
     assert acquired.num_pages == 4
     assert _tiers(cluster)[("node0", "dram")].promotions == 0, "the pinned pages never left DRAM"
     stub_kv.ReleaseLease(pb.ReleaseLeaseRequest(lease_id=acquired.lease_id), timeout=5)
@@ -214,7 +214,11 @@ def test_drain_moves_everything_that_fits_then_unregisters(tiered):
     reply = stub.DrainNode(pb.DrainNodeRequest(node_id=source), timeout=5)
     assert reply.state in ("running", "done")
     reply = wait_for(
-        lambda: (r := stub.DrainNode(pb.DrainNodeRequest(node_id=source), timeout=5)).state != "running" and r,
+        lambda: (
+            (r := stub.DrainNode(pb.DrainNodeRequest(node_id=source, status_only=True), timeout=5)).state
+            != "running"
+            and r
+        ),
         30.0,
         "the drain to finish",
     )
