@@ -43,7 +43,7 @@ test: setup
 	GRPC_VERBOSITY=ERROR $(BIN)/python -m pytest -q tests
 
 lint: setup
-	$(BIN)/ruff check kvstore tests bench
+	$(BIN)/ruff check kvstore tests bench setup.py
 	$(BIN)/ruff format --check kvstore tests bench
 	$(BIN)/mypy kvstore
 

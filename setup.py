@@ -18,9 +18,8 @@ OUT = ROOT / "kvstore" / "_proto"
 
 
 def generate_stubs() -> None:
-    from grpc_tools import protoc  # build requirement
-
     import grpc_tools
+    from grpc_tools import protoc  # build requirement
 
     OUT.mkdir(parents=True, exist_ok=True)
     include = pathlib.Path(grpc_tools.__file__).parent / "_proto"

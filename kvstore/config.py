@@ -168,7 +168,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("tier_policy", str, "lru", (MASTER,), "which pages tier moves pick: lru"),
     Setting("tier_move_batch", int, 256, (MASTER,), "pages per demotion/drain move (one node RPC)"),
     Setting(
-        "promote_on_hit", _parse_bool, True, (MASTER,), "acquire promotes NVMe pages to DRAM (off: the hit ends there)"
+        "promote_on_hit",
+        _parse_bool,
+        True,
+        (MASTER,),
+        "acquire promotes NVMe pages to DRAM (off: the hit ends there)",
     ),
     Setting("max_pin_ms", int, 3_600_000, (MASTER,), "longest pin a client may ask for"),
     Setting("max_request_pages", int, 65_536, (MASTER,), "most pages in one request"),
@@ -210,6 +214,13 @@ SETTINGS: tuple[Setting, ...] = (
         "get_prefix_stream: how long the master waits for page 0 to be opened by a writer (0: don't wait)",
     ),
     Setting("transport", str, "auto", (CLIENT,), "auto | shm | tcp: force a data path"),
+    Setting(
+        "put_tier",
+        str,
+        "auto",
+        (CLIENT,),
+        "auto | dram | vram: where puts ask to be placed (auto: the node's VRAM for GPU sources, else DRAM)",
+    ),
     Setting("copy_threads", int, 2, (CLIENT, NODE), "threads of the native copy engine for large batches"),
     Setting("host_id", str, "", (CLIENT, NODE), "placement host identity (default: machine id + host name)"),
     # -- operations

@@ -33,8 +33,11 @@ def _message(
     expires_ms: int,
     term: int,
     rights: int,
+    tier: str = "",
 ) -> bytes:
     nid = node_id.encode()
+    # vram: a grant for another region of the node names it; DRAM grants keep the v1 bytes
+    region = b"" if tier in ("", "dram") else b"tier\0" + tier.encode()
     return b"".join(
         (
             b"kvstore-grant/v1\0",
@@ -44,6 +47,7 @@ def _message(
             struct.pack("<I", len(slots)),
             slots,
             generations,
+            region,
         )
     )
 
@@ -57,12 +61,13 @@ def sign(
     expires_ms: int,
     term: int,
     rights: int,
+    tier: str = "",
 ) -> pb.Grant:
     slot_bytes = np.ascontiguousarray(slots, dtype="<u8").tobytes()
     gen_bytes = np.ascontiguousarray(generations, dtype="<u4").tobytes()
     mac = hmac.new(
         secret,
-        _message(node_id, incarnation, slot_bytes, gen_bytes, expires_ms, term, rights),
+        _message(node_id, incarnation, slot_bytes, gen_bytes, expires_ms, term, rights, tier),
         hashlib.sha256,
     ).digest()
     return pb.Grant(
@@ -74,6 +79,7 @@ def sign(
         term=term,
         rights=rights,
         mac=mac,
+        tier="" if tier == "dram" else tier,
     )
 
 
@@ -118,6 +124,7 @@ def verify(
             grant.expires_unix_ms,
             grant.term,
             grant.rights,
+            grant.tier,
         ),
         hashlib.sha256,
     ).digest()

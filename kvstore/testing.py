@@ -59,7 +59,19 @@ NODE_READY = re.compile(r"kvstore-node (\S+) data (\S+) control (\S+)")
 
 # Settings the harness sets itself; callers choose them through Cluster's own arguments.
 _HARNESS_OWNED = frozenset(
-    {"port", "master", "dram", "shm_dir", "node_id", "grant_secret", "host", "config", "etcd", "cluster", "nvme"}
+    {
+        "port",
+        "master",
+        "dram",
+        "shm_dir",
+        "node_id",
+        "grant_secret",
+        "host",
+        "config",
+        "etcd",
+        "cluster",
+        "nvme",
+    }
 )
 
 # Run before the real command, in the child: die with the parent (PR_SET_PDEATHSIG = 1),
@@ -900,6 +912,35 @@ def get_layers(
             kwargs["lease"] = lease
         hit = client.get_prefix(tokens, **kwargs)
         return int(hit.num_pages), [np.array(hit.layer(i), dtype=np.uint8, copy=True) for i in hit.layers]
+    finally:
+        _close(client)
+
+
+def get_layers_gpu(
+    master: str,
+    namespace: str,
+    tokens: np.ndarray,
+    transport: str = "auto",
+    lease: Any = None,
+) -> tuple[int, np.ndarray, list[str]]:
+    """vram: read every layer of a prefix into a CuPy ``out`` on GPU 0 (in a spawned process).
+
+    Returns (pages, a host copy of ``out[:, :pages]``, the nodes whose VRAM region this
+    client opened over CUDA IPC).
+    """
+    import cupy
+
+    client = client_for(master, namespace, transport)
+    try:
+        layout = client.layout
+        num_pages = len(tokens) // layout.page_size
+        out = cupy.zeros((layout.num_layers, num_pages, layout.segment_bytes), dtype=cupy.uint8)
+        kwargs: dict[str, Any] = {} if lease is None else {"lease": lease}
+        hit = client.get_prefix(tokens, out=out, **kwargs)
+        opened = sorted(
+            node for node, (_, ipc) in client._transports._ipc.items() if ipc is not None and ipc._pointers
+        )
+        return int(hit.num_pages), cupy.asnumpy(out[:, : hit.num_pages]), opened
     finally:
         _close(client)
 

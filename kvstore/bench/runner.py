@@ -119,7 +119,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--json", dest="json_file", metavar="FILE", help="also write results and machine info here"
     )
-    parser.add_argument("--tier-dir", default=None, help="directory of the tiers part's NVMe files (default: temp)")
+    parser.add_argument(
+        "--tier-dir", default=None, help="directory of the tiers part's NVMe files (default: temp)"
+    )
 
 
 def _node_dram(total: int, sizes: list[int], layers: int) -> int:

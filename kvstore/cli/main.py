@@ -78,7 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     command("stats", admin.cmd_stats, "capacity, use, pages and hit rate per node and tier")
     command("namespaces", admin.cmd_namespaces, "list namespaces")
     evict = command(
-        "evict", admin.cmd_evict, "evict every unleased page in scope: a namespace, a prefix, a node, a tier, or all"
+        "evict",
+        admin.cmd_evict,
+        "evict every unleased page in scope: a namespace, a prefix, a node, a tier, or all",
     )
     evict.add_argument("--namespace", help="namespace to empty")
     evict.add_argument("--all", action="store_true", help="every namespace")

@@ -87,4 +87,6 @@ class AsyncKVStoreClient:
 
     async def get_prefix_stream(self, tokens: Any, *args: Any, **kwargs: Any) -> AsyncPrefixStream:
         """KVStoreClient.get_prefix_stream, iterated with ``async for``; same arguments."""
-        return AsyncPrefixStream(await asyncio.to_thread(self.sync.get_prefix_stream, tokens, *args, **kwargs))
+        return AsyncPrefixStream(
+            await asyncio.to_thread(self.sync.get_prefix_stream, tokens, *args, **kwargs)
+        )

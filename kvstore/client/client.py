@@ -41,6 +41,7 @@ log = logging.getLogger("kvstore.client")
 
 _U32 = struct.Struct("<I")
 _KEY_MEMO_SIZE = 16  # sequences whose page keys a client remembers
+PUT_TIERS = ("auto", "dram", "vram")  # the put_tier setting (vram: where puts ask to be placed)
 LeaseRef = Lease | str
 
 
@@ -111,6 +112,10 @@ class KVStoreClient:
         self._salt = bytes(salt)
         self._timeout_s = cfg.rpc_timeout_ms / 1000.0
         self._transports = TransportSelector(cfg.transport, cfg.copy_threads, self._timeout_s)
+        if cfg.put_tier not in PUT_TIERS:
+            raise KVStoreError(
+                ErrorCode.INVALID_ARGUMENT, f"put_tier must be one of {PUT_TIERS}, not {cfg.put_tier!r}"
+            )
         self._host = hostid.host_id(cfg.host_id)
         self._sessions = SessionCache(session_cache_size)
         self._layout: Layout | None = None
@@ -364,7 +369,10 @@ class KVStoreClient:
             return 0
         keyed, page_contexts, key = self._put_session_key(arr, num_pages, contexts, tp_rank, tp_size)
         session = self._sessions.get_or_open(
-            key, lambda: self._open_put(keyed, num_pages, page_contexts, tp_rank, tp_size, heads, reader_host)
+            key,
+            lambda: self._open_put(
+                keyed, num_pages, page_contexts, tp_rank, tp_size, heads, reader_host, self._put_tier(side)
+            ),
         )
 
         if not session.has_work:
@@ -421,11 +429,12 @@ class KVStoreClient:
 
     @staticmethod
     def _commit_request(
-        session: PutSession, queued: list[tuple[list[int], np.ndarray]]
+        session: PutSession, queued: list[tuple[list[int], np.ndarray]], deferred: bool = False
     ) -> pb.CommitLayerRequest:
         """One CommitLayer for several put_layer calls: their layers, and checksums in the same order."""
         return pb.CommitLayerRequest(
             session_id=session.session_id,
+            deferred=deferred,
             layers=np.asarray([layer for layers, _ in queued for layer in layers], dtype="<u2").tobytes(),
             checksums=np.concatenate([_resolved(sums) for _, sums in queued]).astype("<u8").tobytes(),
         )
@@ -442,7 +451,8 @@ class KVStoreClient:
                 for _, sums in queued:  # GPU writes: their checksums are still being computed
                     if isinstance(sums, concurrent.futures.Future):
                         await asyncio.wrap_future(sums)
-                await self._master.acall("CommitLayer", self._commit_request(session, queued))
+                # the pump's commits need not wait for the nodes: the sequence's last commit does
+                await self._master.acall("CommitLayer", self._commit_request(session, queued, deferred=True))
             except KVStoreError as exc:
                 with session.lock:
                     session.commit_error = exc
@@ -493,6 +503,7 @@ class KVStoreClient:
         tp_size: int,
         heads: tuple[int, int],
         reader_host: str,
+        prefer_tier: str = "",
     ) -> PutSession:
         request = pb.OpenPutRequest(
             namespace=self.namespace,
@@ -502,6 +513,7 @@ class KVStoreClient:
             client_host=self._host,
             reader_host=reader_host,
             lease_ms=self.config.put_lease_ms,
+            prefer_tier=prefer_tier,
         )
         response = self._master.call("OpenPut", request)
         status = np.frombuffer(response.status, dtype=np.uint8)
@@ -530,6 +542,12 @@ class KVStoreClient:
             heads=heads,
             expires_unix_ms=response.expires_unix_ms,
         )
+
+    def _put_tier(self, side: Any) -> str:
+        """vram: the tier a put asks for (put_tier auto: VRAM for a GPU source, CUDA arrays or PagedKV)."""
+        if self.config.put_tier == "auto":
+            return "vram" if side is not None and side.gpu is not None else ""
+        return "" if self.config.put_tier == "dram" else "vram"
 
     def _write(
         self, session: PutSession, plan: CopyPlan
@@ -565,7 +583,9 @@ class KVStoreClient:
     def _hasher(self) -> concurrent.futures.ThreadPoolExecutor:
         with self._background_lock:
             if self._hash_worker is None:
-                self._hash_worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="kvstore-hash")
+                self._hash_worker = concurrent.futures.ThreadPoolExecutor(
+                    1, thread_name_prefix="kvstore-hash"
+                )
             return self._hash_worker
 
     def put_layer_async(
@@ -817,7 +837,9 @@ class KVStoreClient:
                 "",
             )
         try:
-            plan = CopyPlan(layout, layer_list, head_range, buffer, num_pages, None if side is None else side.gpu)
+            plan = CopyPlan(
+                layout, layer_list, head_range, buffer, num_pages, None if side is None else side.gpu
+            )
             found = self._read(response.placements, min(count, num_pages), plan)
         finally:
             if owned:

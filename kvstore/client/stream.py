@@ -208,7 +208,9 @@ class PrefixStream:
                 log.info("layer stream: pages from %d on vanished or changed under the read", found)
                 self.num_pages = count = found
         for i in range(first, stop):
-            data = self.data[i, :count] if self._side is None else self._side.layer_data(i, self.data[i], count)
+            data = (
+                self.data[i, :count] if self._side is None else self._side.layer_data(i, self.data[i], count)
+            )
             ready = LayerReady(self.layers[i], i, count, data)
             self._delivered[ready.layer] = ready
             self._unyielded.append(ready)

@@ -112,7 +112,9 @@ class Master:
         )
         self.sessions = SessionTable(self.index)
         self.leases = LeaseTable(self.index)
-        self.streams = StreamTable(self)  # StreamPrefix: leases on pages being written, woken by the hooks below
+        self.streams = StreamTable(
+            self
+        )  # StreamPrefix: leases on pages being written, woken by the hooks below
         self.extras = ExtrasStore(cfg.extras_budget)
         self.placement = placement or HostThenMostFree()
         self.eviction = eviction or LruLeavesFirst()
@@ -788,13 +790,36 @@ class Master:
         )
 
     def _allocate(
-        self, slot_bytes: int, count: int, writer_host: str, reader_host: str, exclude: np.ndarray
+        self,
+        slot_bytes: int,
+        count: int,
+        writer_host: str,
+        reader_host: str,
+        exclude: np.ndarray,
+        prefer_tier: str = "",
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Up to ``count`` slots in placement order: (node index u16, slot offsets u64, generations u32)."""
+        """Up to ``count`` slots in placement order: (node index u16, slot offsets u64, generations u32).
+
+        ``prefer_tier="vram"``: first the VRAM regions of the nodes in placement order that are
+        below their high watermark, then DRAM as usual (eviction, if needed, is on DRAM only).
+        """
         order = self.placement.order(self._candidates(), writer_host, reader_host)
         nodes: list[np.ndarray] = []
         slots: list[np.ndarray] = []
         gens: list[np.ndarray] = []
+
+        if prefer_tier == "vram":
+            remaining = count
+            for region in self.tiering.vram_regions([self.nodes.by_index[n] for n in order]):
+                if remaining <= 0:
+                    break
+                got_slots, got_gens = region.allocator.allocate(slot_bytes, remaining)
+                if len(got_slots):
+                    nodes.append(np.full(len(got_slots), region.index, dtype=np.uint16))
+                    slots.append(got_slots)
+                    gens.append(got_gens)
+                    remaining -= len(got_slots)
+            count = remaining
 
         def fill(remaining: int) -> int:
             for node in order:
@@ -838,7 +863,12 @@ class Master:
         client_host: str = "",
         reader_host: str = "",
         lease_ms: int = 0,
+        prefer_tier: str = "",
     ) -> pb.OpenPutResponse:
+        if prefer_tier not in ("", "dram", "vram"):
+            raise KVStoreError(
+                ErrorCode.INVALID_ARGUMENT, f"prefer_tier must be '', 'dram' or 'vram', got {prefer_tier!r}"
+            )
         ns = await self.namespace(namespace)
         self.check_leading()
         await self._cover_lease(self.clock() + self._lease_s(lease_ms, self.cfg.write_lease_ms))
@@ -870,7 +900,7 @@ class Master:
         absent_pos = np.flatnonzero(rows < 0)
         allowed = self._quota_pages(ns, len(absent_pos), exclude)
         node_of_new, slot_of_new, gen_of_new = self._allocate(
-            layout.slot_bytes, allowed, client_host, reader_host, exclude
+            layout.slot_bytes, allowed, client_host, reader_host, exclude, prefer_tier
         )
         got = len(slot_of_new)
         if got == 0 and allowed > 0 and self._warming():
@@ -981,15 +1011,18 @@ class Master:
         return completed, done
 
     async def commit_layer_durably(
-        self, session_id: int, layers: np.ndarray, checksums: np.ndarray
+        self, session_id: int, layers: np.ndarray, checksums: np.ndarray, deferred: bool = False
     ) -> tuple[int, bool]:
         """:meth:`commit_layer`, answered once the nodes hold the commit records.
 
         A new leader rebuilds the index from node inventories: a commit the
-        client saw acknowledged must already be there (invariant 6).
+        client saw acknowledged must already be there (invariant 6).  A
+        ``deferred`` commit of some of the writer's layers skips that wait: no
+        page it touches is complete before the writer's last commit, which is
+        durable and, the per-node queue being ordered, covers the earlier ones.
         """
         completed, done, nodes = self._commit_layer(session_id, layers, checksums)
-        if nodes:
+        if nodes and (done or completed or not deferred):
             await asyncio.gather(*(self.notifier.flush(node) for node in nodes))
         return completed, done
 
@@ -1193,6 +1226,7 @@ class Master:
                         expires_ms,
                         self.term,
                         rights,
+                        tier=record.tier,  # vram: a grant names the region its slots are in
                     )
                 )
                 position += 1

@@ -66,10 +66,12 @@ class NodeRecord:
     promotions: int = 0
     channel: grpc.aio.Channel | None = field(default=None, repr=False)
     stub: pb_grpc.NodeStub | None = field(default=None, repr=False)
+    # vram: the region as the node registered it (IPC handle, device, generation file)
+    info: pb.RegionInfo | None = field(default=None, repr=False)
 
     @property
     def ref(self) -> pb.NodeRef:
-        return pb.NodeRef(
+        ref = pb.NodeRef(
             node_id=self.node_id,
             incarnation=self.incarnation,
             data_address=self.data_address,
@@ -77,6 +79,14 @@ class NodeRecord:
             pool_data_offset=self.pool_data_offset,
             pool_bytes=self.pool_bytes,
         )
+        if self.tier == "vram" and self.info is not None:
+            # slot offsets of this record's placements are into the VRAM region, not the pool file
+            ref.tier = "vram"
+            ref.ipc_handle = self.info.ipc_handle
+            ref.device = self.info.device
+            ref.generation_path = self.info.generation_path
+            ref.region_bytes = self.info.capacity_bytes
+        return ref
 
 
 class NodeRegistry:
@@ -139,6 +149,7 @@ class NodeRegistry:
             allocator=allocator,
             registered_at=now,
             last_heartbeat=now,
+            info=request.regions[region] if request.regions else None,
         )
         self.by_index[record.index] = record
         self.alive[record.index] = True

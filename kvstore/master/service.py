@@ -126,6 +126,7 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
             client_host=request.client_host,
             reader_host=request.reader_host,
             lease_ms=request.lease_ms,
+            prefer_tier=request.prefer_tier,
         )
 
     @grpc_errors
@@ -135,7 +136,9 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
         master = await self.role.master()
         layers = _packed(request.layers, "<u2", "layers")
         checksums = _packed(request.checksums, "<u8", "checksums")
-        completed, done = await master.commit_layer_durably(request.session_id, layers, checksums)
+        completed, done = await master.commit_layer_durably(
+            request.session_id, layers, checksums, deferred=request.deferred
+        )
         return pb.CommitLayerResponse(pages_completed=completed, session_done=done)
 
     @grpc_errors

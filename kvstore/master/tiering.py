@@ -196,6 +196,26 @@ class Tiering:
     def dram_of(self, record: NodeRecord) -> NodeRecord:
         return record.primary or record
 
+    def vram_regions(self, primaries: list[NodeRecord]) -> list[NodeRecord]:
+        """vram: the VRAM regions of these nodes (in their order) that take puts now.
+
+        A region takes puts while it is below its high watermark; a put may carry it past
+        (up to what fits), and the watermark tick then demotes its least recently used
+        pages to DRAM down to the low watermark, so VRAM keeps the newest pages.
+        """
+        high, _ = self.watermarks["vram"]
+        now = self.master.clock()
+        found: list[NodeRecord] = []
+        for primary in primaries:
+            for region in primary.regions:
+                if region.tier != "vram" or not region.alive or not region.ready or region.draining:
+                    continue
+                if region.warm_until > now or self.master.notifier.failing(region.index):
+                    continue
+                if region.allocator.used_fraction < high and region.allocator.free_bytes > 0:
+                    found.append(region)
+        return found
+
     def _registered(self, record: NodeRecord) -> bool:
         return self.master.nodes.by_index.get(record.index) is record and record.alive
 

@@ -143,14 +143,21 @@ async def run_node(cfg: config.Config) -> None:
         inventory = Inventory(pool.capacity_bytes)
         regions = {"dram": Region(pool, inventory)}
         region_infos = [pb.RegionInfo(tier=pool.tier, capacity_bytes=pool.capacity_bytes)]
-        for extra in await open_extra_tiers(cfg, node_id):
+        for extra in await open_extra_tiers(cfg, node_id, pool.header.incarnation):
             cleanup.callback(extra.close, True)
             regions[extra.tier] = Region(extra, Inventory(extra.capacity_bytes))
             region_infos.append(extra_region_info(extra))
         mover = Mover(state, regions, cfg.copy_threads, cfg.rpc_timeout_ms / 1000.0)
         cleanup.callback(mover.close)
         data_server = DataServer(
-            listener, pool, inventory, state, cfg.max_message_bytes * DATA_REQUEST_FACTOR, cfg.copy_threads
+            listener,
+            pool,
+            inventory,
+            state,
+            cfg.max_message_bytes * DATA_REQUEST_FACTOR,
+            cfg.copy_threads,
+            # vram: the data server also serves the VRAM region (grants name it), staged through pinned memory
+            others={tier: (r.tier, r.inventory) for tier, r in regions.items() if tier == "vram"},
         )
         server = grpc.aio.server(
             options=[
@@ -231,14 +238,17 @@ async def run_node(cfg: config.Config) -> None:
         log.info("node %s stopping", node_id)
 
 
-async def open_extra_tiers(cfg: config.Config, node_id: str) -> list[Tier]:
+async def open_extra_tiers(cfg: config.Config, node_id: str, incarnation: bytes = b"") -> list[Tier]:
     """The NVMe and VRAM regions the flags ask for (VRAM without CUDA: one log line, no region)."""
     extra: list[Tier] = []
     if cfg.vram.strip():
         from kvstore.tiers import vram
 
         capacity, device = vram.parse_spec(cfg.vram)
-        region = await asyncio.to_thread(vram.open_region, capacity, device)
+        # its generation table goes in a file beside the pool, for same-host CUDA-IPC readers
+        region = await asyncio.to_thread(
+            vram.open_region, capacity, device, cfg.shm_dir, node_id, incarnation
+        )
         if region is not None:
             extra.append(region)
     if cfg.nvme.strip():
@@ -258,6 +268,7 @@ def extra_region_info(region: Tier) -> pb.RegionInfo:
     if region.tier == "vram":
         info.ipc_handle = region.ipc_handle  # type: ignore[attr-defined]
         info.device = region.device  # type: ignore[attr-defined]
+        info.generation_path = region.generation_path  # type: ignore[attr-defined]
     return info
 
 

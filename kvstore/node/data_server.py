@@ -15,6 +15,12 @@ hashing each range as it lands) and is compared with the client's hashes,
 which follow the payload.  A READ is sent straight from the mapping (one native
 gather send, hashing as it goes out), then its hashes and a trailer that says
 whether every slot kept its generation through the send.
+
+vram: a grant naming the VRAM region (``Grant.tier``, covered by its MAC) is
+served from that region with the same checks; its bytes are device memory, so a
+WRITE lands in a pinned staging buffer (hashed as it lands, compared) and one
+kernel launch copies it in, and a READ is copied out into the staging buffer by
+one launch before it is sent (kvstore.tiers.vram.VramRegion.staged).
 """
 
 from __future__ import annotations
@@ -91,6 +97,7 @@ class _Checked:
     lengths: np.ndarray  # u64
     granted: np.ndarray  # u32 generation the grant names per range
     total: int
+    region: Tier  # the tier region the grant names (the DRAM pool, or the VRAM region)
 
 
 class DataServer:
@@ -104,10 +111,13 @@ class DataServer:
         state: NodeState,
         max_request_bytes: int,
         hash_threads: int = 1,
+        others: dict[str, tuple[Tier, Inventory]] | None = None,
     ) -> None:
         self._listener = listener
         self._tier = tier
         self._inventory = inventory
+        # vram: other regions served by grant tier ("vram": device memory, staged)
+        self._others = dict(others or {})
         self._state = state
         self.max_request_bytes = max_request_bytes
         # Kept for the node's flags: hashing now happens inside each connection's receive or
@@ -258,31 +268,58 @@ class DataServer:
             need,
             min_term=self._state.highest_term,
         )
-        self._inventory.check_slots(slots, "data request")
+        region, inventory = self._tier, self._inventory
+        if grant.tier not in ("", region.tier):
+            if grant.tier not in self._others:
+                raise KVStoreError(ErrorCode.BAD_GRANT, f"this node has no {grant.tier!r} region")
+            region, inventory = self._others[grant.tier]
+        inventory.check_slots(slots, "data request")
         granted = verified.generation_of(slots)
-        if np.any(self._tier.generation(slots) != granted):
+        if np.any(region.generation(slots) != granted):
             raise KVStoreError(
                 ErrorCode.BAD_GRANT,
                 "slot generation differs from the grant's: the slot was freed or reassigned",
             )
-        sizes = self._inventory.slot_bytes_of(slots)
+        sizes = inventory.slot_bytes_of(slots)
         # offsets > sizes first: sizes - offsets would wrap for those rows
         if np.any((offsets > sizes) | (lengths > sizes - offsets)):
             raise KVStoreError(ErrorCode.BAD_RANGE, "a range runs past the end of its slot")
-        return _Checked(slots=slots, starts=slots + offsets, lengths=lengths, granted=granted, total=total)
+        return _Checked(
+            slots=slots, starts=slots + offsets, lengths=lengths, granted=granted, total=total, region=region
+        )
 
     def _ranges(self, checked: _Checked) -> np.ndarray:
         """(address, length) of each range in the mapped region, for the native socket calls."""
         table = np.empty((len(checked.starts), 2), dtype=np.uint64)
-        table[:, 0] = checked.starts + np.uint64(self._tier.data_address)
+        table[:, 0] = checked.starts + np.uint64(checked.region.data_address)
         table[:, 1] = checked.lengths
         return table
 
+    def _device_ranges(self, checked: _Checked) -> np.ndarray:
+        """(start in the region, length) rows: what VramRegion.staged takes."""
+        return np.stack((checked.starts, checked.lengths), axis=1).astype(np.uint64)
+
     def _write(self, conn: socket.socket, checked: _Checked) -> bool:
+        if checked.region.tier == "vram":
+            with checked.region.staged(self._device_ranges(checked), to_region=True) as (rows, lander):  # type: ignore[attr-defined]
+                # Into pinned memory, hashed as it lands; it goes on to the GPU only if it checks out.
+                landed = native.recv_ranges(conn, rows, with_hashes=True)
+                expected = np.frombuffer(
+                    tcp_wire.recv_exact(conn, len(checked.starts) * HASH_BYTES), dtype="<u8"
+                )
+                if landed is not None and np.array_equal(landed, expected):
+                    lander.land()
+            return self._answer_write(conn, checked, landed, expected)
         # Straight into the pool, hashed as it lands; the client's hashes follow the payload.
         landed = native.recv_ranges(conn, self._ranges(checked), with_hashes=True)
         expected = np.frombuffer(tcp_wire.recv_exact(conn, len(checked.starts) * HASH_BYTES), dtype="<u8")
-        self.stats.add(written=checked.total)
+        return self._answer_write(conn, checked, landed, expected)
+
+    def _answer_write(
+        self, conn: socket.socket, checked: _Checked, landed: np.ndarray | None, expected: np.ndarray
+    ) -> bool:
+        # (the VRAM region counts its own bytes: GetStats reports them on its tier row)
+        self.stats.add(written=0 if checked.region.tier == "vram" else checked.total)
         bad = np.flatnonzero(landed != expected)
         if len(bad):
             # The bytes stay where they landed: the slot is uncommitted and the writer redoes the range.
@@ -294,18 +331,28 @@ class DataServer:
                 ),
             )
             return True
-        if np.any(self._tier.generation(checked.slots) != checked.granted):
+        if np.any(checked.region.generation(checked.slots) != checked.granted):
             self._send_error(conn, KVStoreError(ErrorCode.BAD_GRANT, "a slot was freed during the write"))
             return True
         conn.sendall(tcp_wire.encode_response_head(0))
         return True
 
     def _read(self, conn: socket.socket, checked: _Checked) -> bool:
+        if checked.region.tier == "vram":
+            with checked.region.staged(self._device_ranges(checked), to_region=False) as (rows, _):  # type: ignore[attr-defined]
+                # The bytes were copied out (completed) before this check: unchanged means they are the slot's.
+                unchanged = bool(np.all(checked.region.generation(checked.slots) == checked.granted))
+                conn.sendall(tcp_wire.encode_response_head(0, "", checked.total))
+                hashes = native.send_ranges(conn, rows, with_hashes=True)
+            assert hashes is not None
+            self.stats.add()
+            conn.sendall(hashes.astype("<u8").tobytes() + (b"\x01" if unchanged else b"\x00"))
+            return True
         # Straight from the pool, hashed as it goes out; hashes and the generation trailer follow.
         conn.sendall(tcp_wire.encode_response_head(0, "", checked.total))
         hashes = native.send_ranges(conn, self._ranges(checked), with_hashes=True)
         assert hashes is not None
-        unchanged = bool(np.all(self._tier.generation(checked.slots) == checked.granted))
+        unchanged = bool(np.all(checked.region.generation(checked.slots) == checked.granted))
         self.stats.add(read=checked.total)
         conn.sendall(hashes.astype("<u8").tobytes() + (b"\x01" if unchanged else b"\x00"))
         return True

@@ -14,11 +14,37 @@ bytes are not host memory stages through host memory behind these calls.
 from __future__ import annotations
 
 import abc
+import fcntl
+import logging
+import os
 
 import numpy as np
 
+log = logging.getLogger("kvstore.tiers")
+
 # Slot offsets and generation entries are in units of this many bytes.
 SLOT_UNIT = 4096
+
+
+def remove_if_orphaned(path: str, what: str) -> bool:
+    """Unlink a region file whose owner died: a live node holds its flock for its whole life."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            return False
+        log.warning("swept orphaned %s %s", what, path)
+        return True
+    finally:
+        os.close(fd)
 
 
 class Tier(abc.ABC):

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from kvstore.errors import ErrorCode, KVStoreError
-from kvstore.tiers.base import Tier
+from kvstore.tiers.base import Tier, remove_if_orphaned
 
 log = logging.getLogger("kvstore.tiers.dram")
 
@@ -233,21 +233,6 @@ def sweep_orphans(directory: str) -> list[str]:
                     continue
         elif not name.startswith(POOL_PREFIX):
             continue
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except OSError:
-            continue
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            continue
-        try:
-            os.unlink(path)
+        if remove_if_orphaned(path, "pool file"):
             removed.append(path)
-            log.warning("swept orphaned pool file %s", path)
-        except FileNotFoundError:
-            pass
-        finally:
-            os.close(fd)
     return removed

@@ -40,7 +40,7 @@ import numpy as np
 
 from kvstore.config import parse_size
 from kvstore.errors import ErrorCode, KVStoreError
-from kvstore.tiers.base import SLOT_UNIT, Tier
+from kvstore.tiers.base import SLOT_UNIT, Tier, remove_if_orphaned
 
 log = logging.getLogger("kvstore.tiers.nvme")
 
@@ -290,21 +290,6 @@ def sweep_orphans(directory: str) -> list[str]:
         if not name.startswith(FILE_PREFIX):
             continue
         path = os.path.join(directory, name)
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except OSError:
-            continue
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            continue
-        try:
-            os.unlink(path)
+        if remove_if_orphaned(path, "NVMe region file"):
             removed.append(path)
-            log.warning("swept orphaned NVMe region file %s", path)
-        except FileNotFoundError:
-            pass
-        finally:
-            os.close(fd)
     return removed

@@ -3,6 +3,11 @@
 Same host means the node's pool file opens here and its header carries the
 incarnation the placement names (DESIGN.md, "Transports"): never an address
 comparison.  Everything else goes over TCP to the node's data server.
+
+vram: a placement in a node's VRAM region (``NodeRef.tier == "vram"``) goes
+through :mod:`kvstore.transports.cuda_ipc` when the region's generation file
+opens here with that incarnation (GPU callers move device to device; host
+buffers go on to TCP from there), else over TCP.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import threading
 from kvstore._proto import kvstore_pb2 as pb
 from kvstore.errors import ErrorCode, KVStoreError
 from kvstore.tiers.dram import DramPool
+from kvstore.transports import cuda_ipc
 from kvstore.transports.base import CopyPlan, NodeBatch, Transport, node_batches
 from kvstore.transports.shm import ShmTransport
 from kvstore.transports.tcp import ConnectionPool, TcpTransport
@@ -33,10 +39,23 @@ class TransportSelector:
         self._tcp = TcpTransport(ConnectionPool(io_timeout_s), hash_threads=copy_threads)
         # node id -> (incarnation, its mapped pool, or None when it cannot be mapped here)
         self._shm: dict[str, tuple[bytes, ShmTransport | None]] = {}
+        # vram: node id -> (incarnation, its VRAM region over CUDA IPC, or None when not reachable here)
+        self._ipc: dict[str, tuple[bytes, cuda_ipc.CudaIpcTransport | None]] = {}
         self._lock = threading.Lock()
 
     def for_node(self, node: pb.NodeRef) -> Transport:
         if self.mode == "tcp":
+            return self._tcp
+        if node.tier == "vram":
+            ipc = self._ipc_for(node)
+            if ipc is not None:
+                return ipc
+            if self.mode == "shm":
+                raise KVStoreError(
+                    ErrorCode.STALE_INCARNATION,
+                    f"transport=shm, but the VRAM region of node {node.node_id} cannot be reached here "
+                    "with the incarnation the placement names",
+                )
             return self._tcp
         shm = self._shm_for(node)
         if shm is not None:
@@ -66,6 +85,22 @@ class TransportSelector:
             self._shm[node.node_id] = (node.incarnation, shm)
             return shm
 
+    def _ipc_for(self, node: pb.NodeRef) -> cuda_ipc.CudaIpcTransport | None:
+        with self._lock:
+            cached = self._ipc.get(node.node_id)
+            if cached is not None and cached[0] == node.incarnation:
+                ipc = cached[1]
+                if ipc is None or not ipc.file_removed():
+                    return ipc
+                ipc.retire()  # the node stopped: its region is gone
+                self._ipc[node.node_id] = (node.incarnation, None)
+                return None
+            if cached is not None and cached[1] is not None:
+                cached[1].retire()  # an older incarnation of this node
+            ipc = cuda_ipc.attach(node, self._tcp, self._copy_threads)
+            self._ipc[node.node_id] = (node.incarnation, ipc)
+            return ipc
+
     def _attach(self, node: pb.NodeRef) -> ShmTransport | None:
         if not node.pool_path:
             return None
@@ -85,17 +120,24 @@ class TransportSelector:
 
     def close(self) -> None:
         with self._lock:
-            pools = [shm for _, shm in self._shm.values() if shm is not None]
+            pools: list[ShmTransport | cuda_ipc.CudaIpcTransport] = [
+                shm for _, shm in self._shm.values() if shm is not None
+            ]
+            pools += [ipc for _, ipc in self._ipc.values() if ipc is not None]
             self._shm.clear()
+            self._ipc.clear()
         for shm in pools:
             shm.retire()
         self._tcp.close()
 
 
+CudaIpcTransport = cuda_ipc.CudaIpcTransport
+
 __all__ = [
     "MODES",
     "ConnectionPool",
     "CopyPlan",
+    "CudaIpcTransport",
     "NodeBatch",
     "ShmTransport",
     "TcpTransport",

@@ -533,3 +533,25 @@ def test_extras_round_trip_and_lru_budget() -> None:
         run(h.master.put_extra("ns", digest, f"e{i}", b"y" * 100))
     expect(ErrorCode.EXTRA_NOT_FOUND, lambda: run(h.master.get_extra("ns", digest, "tok")))
     assert h.master.extras.bytes <= 1000
+
+
+def _commits_sent(h: Harness, node: int) -> int:
+    return sum(len(np.frombuffer(u.commit_layers, np.uint16)) for u in h.updates.get(node, []))
+
+
+def test_deferred_commit_answers_before_the_node_holds_it_and_the_last_commit_waits(h: Harness) -> None:
+    node = h.master.nodes.by_id["n1"].index
+    resp = h.put(h.keys(range(8)))
+    h.flush()
+    before = _commits_sent(h, node)
+    completed, done = run(
+        h.master.commit_layer_durably(resp.session_id, np.array([0]), np.arange(2, dtype=np.uint64), True)
+    )
+    assert (completed, done) == (0, False)
+    assert _commits_sent(h, node) == before  # answered without a node round trip
+    completed, done = run(
+        h.master.commit_layer_durably(resp.session_id, np.array([1]), np.arange(2, dtype=np.uint64), True)
+    )
+    assert (completed, done) == (2, True)
+    # the commit that completed the pages was answered durably: the node holds both layers' records
+    assert _commits_sent(h, node) == before + 2 * 2

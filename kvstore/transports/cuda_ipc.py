@@ -1,0 +1,254 @@
+"""Same-host transport to a node's VRAM region: CUDA IPC, device to device (DESIGN.md, "Transports").
+
+A placement whose NodeRef says ``tier="vram"`` names slots in the node's VRAM
+region.  A client on the same host ("same host": the region's generation file
+opens here and its header carries the incarnation the placement names, as for
+the DRAM pool) opens the region's IPC handle once per (region incarnation,
+client device) with ``cudaIpcOpenMemHandle`` and moves all pages and layers of a
+node batch with kvstore.gpu's one-launch kernels (or its few strided copies)
+straight between the caller's GPU memory and the region.
+
+- Reads re-check every slot's generation in the generation file after the copy
+  has completed: a change is a miss from that page on.
+- Writes check the generations first (a lost session), and return their run
+  hashes as a callable (the GPU DRAM path's rule, docs/decisions.md): on the
+  client's hash thread, one kernel gathers the landed runs from the region into a
+  pinned buffer and the native engine hashes them there.
+- Host buffers (a CPU reader or writer) are not moved here: they go to the
+  node's TCP data server, which stages VRAM slots through pinned memory.
+
+Imports CuPy only when a GPU transfer runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+
+from kvstore import native
+from kvstore._proto import kvstore_pb2 as pb
+from kvstore.errors import ErrorCode, KVStoreError
+from kvstore.tiers.vram import GenerationFile
+from kvstore.transports.base import CopyPlan, NodeBatch, RunHashes, Transport, check_batch
+
+log = logging.getLogger("kvstore.transports.cuda_ipc")
+
+# cudaIpcMemLazyEnablePeerAccess: a client on another GPU of the host reaches the region over peer access
+IPC_LAZY_PEER_ACCESS = 1
+
+_hash_staging: dict[int, Any] = {}  # client device -> kvstore.gpu.hostreg.StagingBuffer for write hashes
+_hash_staging_lock = threading.Lock()
+
+
+def _staging_for_hashes(device: int) -> Any:
+    """A pinned buffer per device for gathering landed VRAM runs to hash (not the TCP path's buffer)."""
+    from kvstore.gpu import hostreg
+
+    with _hash_staging_lock:
+        buf = _hash_staging.get(device)
+        if buf is None:
+            buf = _hash_staging[device] = hostreg.StagingBuffer(device)
+        return buf
+
+
+class CudaIpcTransport(Transport):
+    """One node's VRAM region (one incarnation), opened by IPC handle on each client device that uses it."""
+
+    name = "cuda_ipc"
+
+    def __init__(
+        self, node: pb.NodeRef, generations: GenerationFile, fallback: Transport, copy_threads: int = 1
+    ) -> None:
+        self.node_id = node.node_id
+        self._handle = bytes(node.ipc_handle)
+        self._region_bytes = int(node.region_bytes) or generations.region_bytes
+        self.generations = generations
+        self._fallback = fallback  # host buffers: the node's TCP data server
+        self._threads = max(1, copy_threads)
+        self._pointers: dict[int, int] = {}  # client device -> the region's address there
+        self._unopenable: set[int] = set()  # client devices where the handle did not open: TCP there
+        self._lock = threading.Lock()
+        self._users = 0
+        self._retired = False
+        self._closed = False
+        self._inode = os.stat(generations.path).st_ino
+
+    # -- lifetime: the handle is closed only when no transfer is using it
+    @contextlib.contextmanager
+    def in_use(self) -> Iterator[None]:
+        with self._lock:
+            if self._retired:
+                raise KVStoreError(
+                    ErrorCode.STALE_INCARNATION, f"VRAM region of node {self.node_id} is no longer open"
+                )
+            self._users += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._users -= 1
+                close_now = self._retired and self._users == 0
+            if close_now:
+                self._close()
+
+    def retire(self) -> None:
+        """No new transfers; close the IPC mappings once the running ones finish."""
+        with self._lock:
+            self._retired = True
+            close_now = self._users == 0
+        if close_now:
+            self._close()
+
+    def close(self) -> None:
+        self.retire()
+
+    def _close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            pointers, self._pointers = self._pointers, {}
+        if pointers:
+            import cupy
+
+            for device, ptr in pointers.items():
+                try:
+                    with cupy.cuda.Device(device):
+                        cupy.cuda.runtime.ipcCloseMemHandle(ptr)
+                except Exception as exc:  # noqa: BLE001 - the node may be gone already
+                    log.debug("closing the VRAM IPC mapping of node %s: %s", self.node_id, exc)
+        self.generations.close(unlink=False)
+
+    def file_removed(self) -> bool:
+        """True once the node removed its generation file (it stopped): its region is gone."""
+        try:
+            return os.stat(self.generations.path).st_ino != self._inode
+        except OSError:
+            return True
+
+    def region_pointer(self, device: int) -> int | None:
+        """The region's address on the client's ``device`` (opened once per device); None if it cannot be."""
+        with self._lock:
+            ptr = self._pointers.get(device)
+            if ptr is not None or device in self._unopenable:
+                return ptr
+            import cupy
+
+            try:
+                with cupy.cuda.Device(device):
+                    ptr = int(cupy.cuda.runtime.ipcOpenMemHandle(self._handle, IPC_LAZY_PEER_ACCESS))
+            except Exception as exc:  # noqa: BLE001 - e.g. no access to the node's GPU from here
+                self._unopenable.add(device)
+                log.warning(
+                    "node %s: its VRAM region does not open on GPU %d (%s); using its data server",
+                    self.node_id,
+                    device,
+                    exc,
+                )
+                return None
+            self._pointers[device] = ptr
+            log.debug("node %s: opened its VRAM region on GPU %d at %#x", self.node_id, device, ptr)
+            return ptr
+
+    # -- data
+    def _check_slots(self, batch: NodeBatch, plan: CopyPlan) -> None:
+        check_batch(batch, plan.layout)
+        ends = batch.slot_offsets.astype(np.uint64) + np.uint64(batch.slot_bytes)
+        if len(ends) and int(ends.max()) > self._region_bytes:
+            raise KVStoreError(ErrorCode.BAD_RANGE, "placement runs past the node's VRAM region")
+
+    def write(self, batch: NodeBatch, plan: CopyPlan) -> RunHashes:
+        if plan.device is None:
+            return self._fallback.write(batch, plan)
+        from kvstore.gpu import transfer
+
+        self._check_slots(batch, plan)
+        if not np.array_equal(self.generations.generation(batch.slot_offsets), batch.generations):
+            raise KVStoreError(
+                ErrorCode.SESSION_NOT_FOUND,
+                f"VRAM slots on node {batch.node.node_id} were freed or reassigned: the put session was lost",
+            )
+        gpu = plan.device
+        region = self.region_pointer(gpu.device)
+        if region is None:
+            return self._fallback.write(batch, plan)
+        with gpu.engine:
+            transfer._to_slots(plan, batch, region, True)
+            gpu.engine.sync()
+        return self._deferred_hashes(batch, plan, region)
+
+    def _deferred_hashes(self, batch: NodeBatch, plan: CopyPlan, region: int) -> Callable[[], np.ndarray]:
+        gpu = plan.device
+        hold = contextlib.ExitStack()
+        hold.enter_context(self.in_use())  # the mapping stays open until the hash has read it
+
+        def hashes() -> np.ndarray:
+            # Landed bytes, gathered from the region into pinned memory by one launch, hashed on the host.
+            try:
+                runs = plan.table(batch, np.uint64(region) + batch.slot_offsets, True, 0)
+                sources = runs[..., 0].reshape(-1)
+                lengths = runs[..., 2].reshape(-1)
+                within = np.cumsum(lengths) - lengths
+                staging = _staging_for_hashes(gpu.device)
+                with staging.lock:
+                    staging.view(max(int(lengths.sum()), 1))
+                    table = np.stack((np.uint64(staging.device_address) + within, sources, lengths), axis=1)
+                    with gpu.engine:
+                        gpu.engine.copy_segments(table)
+                        gpu.engine.sync()
+                    ranges = np.ascontiguousarray(
+                        np.stack((np.uint64(staging.address) + within, lengths), axis=1)
+                    )
+                    return native.hash_ranges(ranges, self._threads).reshape(runs.shape[:3])
+            finally:
+                hold.close()
+
+        return hashes
+
+    def read(self, batch: NodeBatch, plan: CopyPlan) -> int:
+        if plan.device is None:
+            return self._fallback.read(batch, plan)
+        from kvstore.gpu import transfer
+
+        self._check_slots(batch, plan)
+        gpu = plan.device
+        region = self.region_pointer(gpu.device)
+        if region is None:
+            return self._fallback.read(batch, plan)
+        with gpu.engine:
+            transfer._to_slots(plan, batch, region, False)
+            gpu.engine.sync()
+        # Re-read after the copy has completed: a slot whose generation moved held someone else's bytes.
+        after = self.generations.generation(batch.slot_offsets)
+        changed = np.flatnonzero(after != batch.generations)
+        if len(changed):
+            log.debug(
+                "node %s: VRAM slot generation changed under a read at page %d",
+                batch.node.node_id,
+                int(batch.pages[changed[0]]),
+            )
+            return int(changed[0])
+        return len(batch)
+
+
+def attach(node: pb.NodeRef, fallback: Transport, copy_threads: int = 1) -> CudaIpcTransport | None:
+    """The IPC transport of a VRAM placement's region, or None when it is not on this host."""
+    if not node.generation_path or len(node.ipc_handle) != 64:
+        return None
+    try:
+        generations = GenerationFile.attach(node.generation_path, bytes(node.incarnation))
+    except (KVStoreError, OSError) as exc:
+        log.debug("node %s: VRAM region not reachable here (%s); using TCP", node.node_id, exc)
+        return None
+    try:
+        return CudaIpcTransport(node, generations, fallback, copy_threads)
+    except OSError as exc:  # removed between the attach and now
+        generations.close(unlink=False)
+        log.debug("node %s: VRAM generation file vanished (%s); using TCP", node.node_id, exc)
+        return None
