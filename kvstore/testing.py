@@ -814,6 +814,76 @@ def _locked(path: str) -> bool:
 # pickle as itself, so workers return ("error", code name, message) and the parent raises it again.
 
 
+async def master_in_process(
+    regions: Sequence[pb.RegionInfo],
+    *,
+    sender: Callable[[int, pb.SlotUpdates], Awaitable[None]] | None = None,
+    clock: Callable[[], float] | None = None,
+    node_id: str = "n1",
+    **settings: Any,
+) -> Any:
+    """A started leader ``Master`` in this process with one registered node of ``regions``.
+
+    For tests of the master's logic without gRPC: slot updates go to ``sender``
+    (default: dropped), the node's inventory is empty.  ``settings`` override the
+    defaults (short leases, 1 MiB arenas).
+    """
+    from kvstore.master.core import Master
+    from kvstore.metadata.embedded import EmbeddedBackend
+
+    cfg = kvconfig.load(
+        {"read_lease_ms": 2000, "write_lease_ms": 2000, "arena_bytes": 1 << 20, **settings}, environ={}
+    )
+
+    async def drop(node: int, msg: pb.SlotUpdates) -> None:
+        return None
+
+    async def empty_inventory(record: Any) -> pb.InventoryResponse:
+        return pb.InventoryResponse()
+
+    extra: dict[str, Any] = {"clock": clock} if clock is not None else {}
+    master = Master(cfg, EmbeddedBackend(), sender=sender or drop, **extra)
+    master.nodes.inventory = empty_inventory  # type: ignore[method-assign]
+    await master.start("test:1", background=False)
+    await master.register_node(
+        pb.RegisterNodeRequest(
+            node_id=node_id,
+            incarnation=node_id.encode().ljust(16, b"."),
+            host_id="h",
+            control_address="127.0.0.1:1",
+            data_address="127.0.0.1:2",
+            pool_path="/dev/shm/x",
+            regions=list(regions),
+        )
+    )
+    return master
+
+
+def run_cli(
+    *args: str, timeout: float = 60.0, env: Mapping[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """``kvstore ARGS`` in a child process, free of this process's KVSTORE_* settings (plus ``env``)."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("KVSTORE_")}
+    return subprocess.run(
+        [sys.executable, "-m", "kvstore.cli.main", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**clean, **(env or {})},
+    )
+
+
+def put_or_no_room(client: Any, tokens: np.ndarray, layers: Sequence[np.ndarray]) -> int:
+    """Write every layer; returns the pages written, 0 when the store answers NO_ROOM (RESOURCE_EXHAUSTED)."""
+    try:
+        written = [client.put_layer(tokens, layer, data) for layer, data in enumerate(layers)]
+    except KVStoreError as exc:
+        assert exc.status.name == "RESOURCE_EXHAUSTED", exc
+        return 0
+    assert len(set(written)) == 1, written
+    return int(written[0])
+
+
 def spawn_context() -> multiprocessing.context.SpawnContext:
     return multiprocessing.get_context("spawn")
 

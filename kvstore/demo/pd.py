@@ -750,15 +750,24 @@ class PDPair:
 
 
 @contextlib.contextmanager
-def cluster_for(master: str | None, dram: str | int, shm_dir: str = "") -> Iterator[str]:
-    """``master`` if given (a running cluster), else a single-machine cluster of our own; yields the address."""
+def cluster_for(master: str | None, dram: str | int, shm_dir: str = "", vram: str = "") -> Iterator[str]:
+    """``master`` if given (a running cluster), else a single-machine cluster of our own; yields the address.
+
+    ``vram`` (``SIZE:GPU``) gives our node a VRAM region too: puts from CUDA tensors then land there
+    and same-host GPU readers use CUDA IPC (DESIGN.md, transports).
+    """
     if master:
         yield master
         return
     from kvstore.testing import Cluster
 
     with Cluster(
-        1, dram=dram, shm_dir=shm_dir or None, inherit_settings_env=True, startup_timeout=60.0
+        1,
+        dram=dram,
+        shm_dir=shm_dir or None,
+        inherit_settings_env=True,
+        startup_timeout=60.0,
+        vram=vram or None,
     ) as cluster:
         yield cluster.master_address
 
@@ -1038,6 +1047,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--dram", dest="demo_dram", default="", help="with --own-cluster: node DRAM [sized from the lengths]"
     )
     parser.add_argument(
+        "--vram",
+        dest="demo_vram",
+        default="",
+        help="with --own-cluster: also a VRAM region on the node, SIZE:GPU (e.g. 16GiB:0) [none]",
+    )
+    parser.add_argument(
         "--margin-tolerance",
         type=float,
         default=None,
@@ -1063,7 +1078,7 @@ def run_cli(args: argparse.Namespace, cfg: kvconfig.Config) -> int:
     per_token = _kv_bytes_per_token(base)
     # The largest prompt's KV twice (two stored modes), with room to spare; runs are evicted as they end.
     dram = args.demo_dram or max(256 << 20, int(4 * max(lengths) * per_token) + (64 << 20))
-    with cluster_for(None if args.own_cluster else cfg.master, dram, cfg.shm_dir) as master:
+    with cluster_for(None if args.own_cluster else cfg.master, dram, cfg.shm_dir, args.demo_vram) as master:
         prefill_settings = dataclasses.replace(base, master=master, device=args.prefill_device or args.device)
         decode_settings = dataclasses.replace(base, master=master, device=args.decode_device or args.device)
         print(f"kvstore at {master}; starting the prefill and decode workers...", flush=True)

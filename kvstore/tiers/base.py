@@ -14,9 +14,11 @@ bytes are not host memory stages through host memory behind these calls.
 from __future__ import annotations
 
 import abc
+import contextlib
 import fcntl
 import logging
 import os
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -24,6 +26,27 @@ log = logging.getLogger("kvstore.tiers")
 
 # Slot offsets and generation entries are in units of this many bytes.
 SLOT_UNIT = 4096
+
+
+@contextlib.contextmanager
+def created_locked(staging: str, path: str) -> Iterator[int]:
+    """Create a region file at ``path`` and yield its descriptor, flock'd for the owner's life.
+
+    The file is created under ``staging`` (a name sweepers ignore) and renamed once
+    locked, so another node's orphan sweep never sees it unlocked.  If the body
+    raises, the descriptor is closed and nothing is left behind.
+    """
+    fd = os.open(staging, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.rename(staging, path)
+        yield fd
+    except BaseException:
+        os.close(fd)
+        for leftover in (staging, path):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(leftover)
+        raise
 
 
 def remove_if_orphaned(path: str, what: str) -> bool:

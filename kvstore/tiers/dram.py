@@ -21,7 +21,6 @@ used: its resource tracker unlinks segments it merely opened.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
 import mmap
 import os
@@ -33,7 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from kvstore.errors import ErrorCode, KVStoreError
-from kvstore.tiers.base import Tier, remove_if_orphaned
+from kvstore.tiers.base import Tier, created_locked, remove_if_orphaned
 
 log = logging.getLogger("kvstore.tiers.dram")
 
@@ -104,10 +103,7 @@ class DramPool(Tier):
         # Created under a name sweepers ignore and renamed once locked: another node's
         # orphan sweep must never see this file unlocked.
         staging = os.path.join(directory, f"{STAGING_PREFIX}{incarnation.hex()}")
-        fd = os.open(staging, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            os.rename(staging, path)
+        with created_locked(staging, path) as fd:
             try:
                 os.posix_fallocate(fd, 0, total)
             except OSError as exc:
@@ -117,12 +113,6 @@ class DramPool(Tier):
                     f"{exc.strerror} (is the tmpfs large enough? see --dram/--shm-dir)",
                 ) from exc
             mm = mmap.mmap(fd, total, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-        except BaseException:
-            os.close(fd)
-            for leftover in (staging, path):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(leftover)
-            raise
         header = PoolHeader(incarnation, data_offset, data_bytes, HEADER_BYTES, gen_entries, os.getpid())
         _HEADER.pack_into(
             mm,

@@ -28,7 +28,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
-import fcntl
 import logging
 import mmap
 import os
@@ -40,7 +39,7 @@ import numpy as np
 
 from kvstore.config import parse_size
 from kvstore.errors import ErrorCode, KVStoreError
-from kvstore.tiers.base import SLOT_UNIT, Tier, remove_if_orphaned
+from kvstore.tiers.base import SLOT_UNIT, Tier, created_locked, remove_if_orphaned
 
 log = logging.getLogger("kvstore.tiers.nvme")
 
@@ -139,10 +138,7 @@ class NvmeRegion(Tier):
         safe_id = "".join(c if c.isalnum() or c in "-_." else "_" for c in node_id)
         path = os.path.join(directory, f"{FILE_PREFIX}{safe_id}-{tag[:12]}")
         staging = os.path.join(directory, f"{STAGING_PREFIX}{tag}")
-        fd = os.open(staging, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            os.rename(staging, path)
+        with created_locked(staging, path) as fd:
             try:
                 os.posix_fallocate(fd, 0, capacity)
             except OSError as exc:
@@ -163,12 +159,6 @@ class NvmeRegion(Tier):
                         "NVMe tier %s: O_DIRECT not available (%s); using buffered I/O", directory, why
                     )
                     io_fd = fd
-        except BaseException:
-            os.close(fd)
-            for leftover in (staging, path):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(leftover)
-            raise
         region = cls(path, io_fd, capacity, use_direct, io_threads)
         region._lock_fd = fd
         log.info(

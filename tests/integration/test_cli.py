@@ -15,21 +15,8 @@ import tempfile
 import numpy as np
 import pytest
 
-from kvstore.testing import page_bytes, prompt, wait_for
+from kvstore.testing import page_bytes, prompt, run_cli, wait_for
 from kvstore.tiers.dram import POOL_PREFIX
-
-
-def kvstore(
-    *args: str, timeout: float = 60.0, env: dict[str, str] | None = None
-) -> subprocess.CompletedProcess:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("KVSTORE_")}
-    return subprocess.run(
-        [sys.executable, "-m", "kvstore.cli.main", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**clean, **(env or {})},
-    )
 
 
 @pytest.fixture
@@ -44,7 +31,7 @@ def _pool_files(path: str) -> list[str]:
 
 
 def test_up_demo_runs_and_leaves_no_shm_files(shm_dir):
-    result = kvstore(
+    result = run_cli(
         "up", "--port", "0", "--dram", "64MiB", "--shm-dir", shm_dir, "--demo", "--demo-exit", timeout=120
     )
     assert result.returncode == 0, result.stdout + result.stderr
@@ -87,7 +74,7 @@ def test_up_stops_cleanly_on_sigint(shm_dir):
         address = re.search(r"listening on (\S+)", text)
         assert address, text + (proc.stderr.read() if proc.stderr else "")
         assert len(_pool_files(shm_dir)) == 1
-        nodes = kvstore("--master", address.group(1), "nodes", "--json")
+        nodes = run_cli("--master", address.group(1), "nodes", "--json")
         assert nodes.returncode == 0, nodes.stderr
         assert [n["alive"] for n in json.loads(nodes.stdout)["nodes"]] == [True]
         proc.send_signal(signal.SIGINT)
@@ -110,7 +97,7 @@ def test_admin_commands(cluster, client, namespace):
     assert c.get_prefix(tokens).num_pages == 4
     master = ["--master", cluster.master_address]
 
-    nodes = kvstore(*master, "nodes", "--json")
+    nodes = run_cli(*master, "nodes", "--json")
     assert nodes.returncode == 0, nodes.stderr
     data = json.loads(nodes.stdout)
     assert [n["node_id"] for n in data["nodes"]] == [cluster.nodes[0].node_id]
@@ -118,7 +105,7 @@ def test_admin_commands(cluster, client, namespace):
     assert data["nodes"][0]["tiers"][0]["capacity_bytes"] > 0
 
     # --master after the subcommand and --json before it work too
-    stats = kvstore("--json", "stats", *master)
+    stats = run_cli("--json", "stats", *master)
     assert stats.returncode == 0, stats.stderr
     data = json.loads(stats.stdout)
     tier = data["nodes"][0]["tiers"][0]
@@ -126,39 +113,39 @@ def test_admin_commands(cluster, client, namespace):
     assert data["pages"] >= 4 and data["lookups"] >= 4 and 0 < data["hit_rate"] <= 1
     assert any(ns["name"] == namespace and ns["pages"] == 4 for ns in data["namespaces"])
 
-    table = kvstore(*master, "stats")
+    table = run_cli(*master, "stats")
     assert table.returncode == 0 and "hit rate" in table.stdout and cluster.nodes[0].node_id in table.stdout
-    assert "capacity" in kvstore(*master, "nodes").stdout
+    assert "capacity" in run_cli(*master, "nodes").stdout
 
-    listed = kvstore(*master, "namespaces", "--json")
+    listed = run_cli(*master, "namespaces", "--json")
     assert listed.returncode == 0, listed.stderr
     spec = next(n for n in json.loads(listed.stdout)["namespaces"] if n["name"] == namespace)
     assert spec["page_size"] == 16 and spec["num_layers"] == 2 and spec["pages"] == 4
-    assert namespace in kvstore(*master, "namespaces").stdout
+    assert namespace in run_cli(*master, "namespaces").stdout
 
-    evicted = kvstore(*master, "evict", "--namespace", namespace, "--json")
+    evicted = run_cli(*master, "evict", "--namespace", namespace, "--json")
     assert evicted.returncode == 0, evicted.stderr
     assert json.loads(evicted.stdout)["pages_evicted"] == 4
     wait_for(lambda: c.match_prefix(tokens) == 0, 5.0, "the evicted pages to be gone")
-    assert kvstore(*master, "evict").returncode != 0  # neither --namespace nor --all: refused
+    assert run_cli(*master, "evict").returncode != 0  # neither --namespace nor --all: refused
 
-    remote = kvstore(*master, "config", "--remote")
+    remote = run_cli(*master, "config", "--remote")
     assert remote.returncode == 0, remote.stderr
     assert "read_lease_ms = 2000" in remote.stdout
     assert cluster.grant_secret not in remote.stdout
 
 
 def test_local_config_layers_flags_over_environment():
-    result = kvstore("--master", "10.0.0.1:6000", "config", env={"KVSTORE_RPC_TIMEOUT_MS": "1234"})
+    result = run_cli("--master", "10.0.0.1:6000", "config", env={"KVSTORE_RPC_TIMEOUT_MS": "1234"})
     assert result.returncode == 0, result.stderr
     assert 'master = "10.0.0.1:6000"' in result.stdout
     assert "rpc_timeout_ms = 1234" in result.stdout
-    as_json = json.loads(kvstore("config", "--json", env={"KVSTORE_GRANT_SECRET": "ab" * 16}).stdout)
+    as_json = json.loads(run_cli("config", "--json", env={"KVSTORE_GRANT_SECRET": "ab" * 16}).stdout)
     assert as_json["settings"]["grant_secret"] == "<set>"
 
 
 def test_unreachable_master_is_a_clear_error():
-    result = kvstore("--master", "127.0.0.1:1", "--rpc-timeout-ms", "500", "nodes")
+    result = run_cli("--master", "127.0.0.1:1", "--rpc-timeout-ms", "500", "nodes")
     assert result.returncode == 1
     assert "UNAVAILABLE" in result.stderr and "kvstore up" in result.stderr
     assert "Traceback" not in result.stderr
@@ -166,7 +153,7 @@ def test_unreachable_master_is_a_clear_error():
 
 def test_bench_quick_smoke(tmp_path):
     out = tmp_path / "bench.json"
-    result = kvstore(
+    result = run_cli(
         "bench",
         "--parts",
         "throughput",
@@ -195,7 +182,7 @@ def test_bench_quick_smoke(tmp_path):
 def test_bench_other_parts_smoke(tmp_path):
     out = tmp_path / "bench.json"
     parts = "control,memory,latency" + (",redis" if shutil.which("redis-server") else "")
-    result = kvstore(
+    result = run_cli(
         "bench",
         "--quick",
         "--parts",
@@ -235,7 +222,7 @@ def test_up_refuses_a_port_in_use(shm_dir):
 
     with socket.create_server(("127.0.0.1", 0)) as taken:
         port = taken.getsockname()[1]
-        result = kvstore("up", "--port", str(port), "--dram", "16MiB", "--shm-dir", shm_dir, "--demo-exit")
+        result = run_cli("up", "--port", str(port), "--dram", "16MiB", "--shm-dir", shm_dir, "--demo-exit")
     assert result.returncode == 1
     assert "in use" in result.stderr
     assert _pool_files(shm_dir) == []

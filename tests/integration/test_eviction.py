@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from kvstore.errors import KVStoreError
-from kvstore.testing import page_bytes, prompt, wait_for
+from kvstore.testing import page_bytes, prompt, put_or_no_room, wait_for
 
 PAGE = 16
 LAYERS = 4
@@ -21,17 +20,6 @@ def _page_data(seed: int, pages: int) -> list[np.ndarray]:
     return [page_bytes(seed * 10 + layer, pages, SEGMENT) for layer in range(LAYERS)]
 
 
-def _put(c, tokens: np.ndarray, layers: list[np.ndarray]) -> int:
-    """Write every layer; a NO_ROOM (RESOURCE_EXHAUSTED) answer counts as 0 pages."""
-    try:
-        written = [c.put_layer(tokens, layer, layers[layer]) for layer in range(LAYERS)]
-    except KVStoreError as exc:
-        assert exc.status.name == "RESOURCE_EXHAUSTED", exc
-        return 0
-    assert len(set(written)) == 1
-    return written[0]
-
-
 def test_eviction_under_pressure(make_cluster, client):
     cluster = make_cluster(dram="16MiB", read_lease_ms=60_000, quarantine_ms=200)
     c = client(cluster, "pressure/ns")
@@ -39,7 +27,7 @@ def test_eviction_under_pressure(make_cluster, client):
 
     pinned_tokens = prompt(1000, 4 * PAGE)
     pinned = _page_data(1000, 4)
-    assert _put(c, pinned_tokens, pinned) == 4
+    assert put_or_no_room(c, pinned_tokens, pinned) == 4
     lease = c.acquire_prefix(pinned_tokens)
     assert lease.num_pages == 4
 
@@ -54,8 +42,8 @@ def test_eviction_under_pressure(make_cluster, client):
         base = prompt(2000 + i, 4 * PAGE)
         extended = np.concatenate([base, prompt(3000 + i, 4 * PAGE)])
         data = _page_data(2000 + i, 8)
-        written += _put(c, base, [d[:4] for d in data])
-        written += _put(c, extended, data)
+        written += put_or_no_room(c, base, [d[:4] for d in data])
+        written += put_or_no_room(c, extended, data)
         chains.append((extended, data))
         return written >= 2 * 64
 

@@ -8,13 +8,13 @@ from typing import Any
 import numpy as np
 import pytest
 
-from kvstore import config, keys
+from kvstore import keys
 from kvstore._proto import kvstore_pb2 as pb
 from kvstore.errors import KVStoreError
 from kvstore.master.core import Master
 from kvstore.master.index import COMPLETE
 from kvstore.master.tiering import LruDemotion, make_policy
-from kvstore.metadata.embedded import EmbeddedBackend
+from kvstore.testing import master_in_process
 
 MiB = 1 << 20
 
@@ -37,34 +37,18 @@ class FakeNode:
 
 
 async def make_master(**settings: Any) -> tuple[Master, FakeNode, list[tuple[int, pb.SlotUpdates]]]:
-    cfg = config.load(
-        {"read_lease_ms": 2000, "write_lease_ms": 2000, "arena_bytes": 1 * MiB, **settings}, environ={}
-    )
     sent: list[tuple[int, pb.SlotUpdates]] = []
 
     async def send(node: int, msg: pb.SlotUpdates) -> None:
         sent.append((node, msg))
 
-    master = Master(cfg, EmbeddedBackend(), sender=send)
-
-    async def inventory(record: Any) -> pb.InventoryResponse:
-        return pb.InventoryResponse()
-
-    master.nodes.inventory = inventory  # type: ignore[method-assign]
-    await master.start("test:1", background=False)
-    await master.register_node(
-        pb.RegisterNodeRequest(
-            node_id="n1",
-            incarnation=b"n1".ljust(16, b"."),
-            host_id="h",
-            control_address="127.0.0.1:1",
-            data_address="127.0.0.1:2",
-            pool_path="/dev/shm/x",
-            regions=[
-                pb.RegionInfo(tier="dram", capacity_bytes=4 * MiB),
-                pb.RegionInfo(tier="nvme", capacity_bytes=8 * MiB),
-            ],
-        )
+    master = await master_in_process(
+        [
+            pb.RegionInfo(tier="dram", capacity_bytes=4 * MiB),
+            pb.RegionInfo(tier="nvme", capacity_bytes=8 * MiB),
+        ],
+        sender=send,
+        **settings,
     )
     fake = FakeNode()
     master.nodes.by_id["n1"].stub = fake  # type: ignore[assignment]

@@ -15,8 +15,7 @@ import pytest
 
 from kvstore._proto import kvstore_pb2 as pb
 from kvstore._proto import kvstore_pb2_grpc as pb_grpc
-from kvstore.errors import KVStoreError
-from kvstore.testing import page_bytes, prompt, wait_for
+from kvstore.testing import page_bytes, prompt, put_or_no_room, wait_for
 
 PAGE = 16
 LAYERS = 4
@@ -38,15 +37,6 @@ def _data(seed: int, pages: int) -> list[np.ndarray]:
     return [page_bytes(seed * 10 + layer, pages, SEGMENT) for layer in range(LAYERS)]
 
 
-def _put(c, tokens: np.ndarray, layers: list[np.ndarray]) -> int:
-    try:
-        written = [c.put_layer(tokens, layer, layers[layer]) for layer in range(LAYERS)]
-    except KVStoreError as exc:
-        assert exc.status.name == "RESOURCE_EXHAUSTED", exc
-        return 0
-    return written[0]
-
-
 def _tiers(cluster) -> dict[tuple[str, str], pb.TierUsage]:
     return {(n.node_id, t.tier): t for n in cluster.stats().nodes for t in n.tiers}
 
@@ -63,7 +53,7 @@ def _fill(c, first_seed: int, prompts: int, pages: int = 4) -> list[tuple[np.nda
     for i in range(prompts):
         tokens = prompt(first_seed + i, pages * PAGE)
         data = _data(first_seed + i, pages)
-        assert _put(c, tokens, data) == pages
+        assert put_or_no_room(c, tokens, data) == pages
         written.append((tokens, data))
         time.sleep(0.05)  # let the sweep demote between puts (a tick is 100 ms)
     return written
@@ -107,8 +97,8 @@ def test_filling_everything_evicts_leaves_first(tiered):
         base = prompt(500 + i, 2 * PAGE)
         ext = np.concatenate([base, prompt(900 + i, 2 * PAGE)])
         data = _data(500 + i, 4)
-        _put(c, base, [d[:2] for d in data])
-        _put(c, ext, data)
+        put_or_no_room(c, base, [d[:2] for d in data])
+        put_or_no_room(c, ext, data)
         chains.append((ext, data))
         time.sleep(0.02)
     usage = _tiers(cluster)
@@ -131,7 +121,7 @@ def test_a_lease_taken_before_demotion_reads_the_old_bytes(tiered):
     cluster, c = tiered(read_lease_ms=60_000)
     tokens = prompt(1, 4 * PAGE)
     data = _data(1, 4)
-    assert _put(c, tokens, data) == 4
+    assert put_or_no_room(c, tokens, data) == 4
     lease = c.acquire_prefix(tokens)
     assert lease.num_pages == 4
     _fill(c, 200, 20)  # pressure: DRAM demotes everything it may
@@ -155,7 +145,7 @@ def test_a_lease_taken_before_demotion_reads_the_old_bytes(tiered):
 def test_a_lease_never_released_expires(tiered):
     cluster, c = tiered(read_lease_ms=300, max_lease_ms=500)
     tokens = prompt(2, 2 * PAGE)
-    assert _put(c, tokens, _data(2, 2)) == 2
+    assert put_or_no_room(c, tokens, _data(2, 2)) == 2
     lease = c.acquire_prefix(tokens, lease_ms=10_000)  # capped at max_lease_ms
     assert lease.expires_unix_ms <= time.time() * 1000 + 600
     wait_for(lambda: cluster.stats().active_read_leases == 0, 5.0, "the forgotten lease to expire")
@@ -168,7 +158,7 @@ def test_pins_hold_until_their_ttl(tiered):
     cluster, c = tiered(max_pin_ms=1500)
     hot = prompt(3, 4 * PAGE)
     hot_data = _data(3, 4)
-    assert _put(c, hot, hot_data) == 4
+    assert put_or_no_room(c, hot, hot_data) == 4
     assert c.pin_prefix(hot, ttl_s=3600) == 4 * PAGE  # capped at 1.5 s by max_pin_ms
     _fill(c, 300, 12)  # DRAM past high: demotion takes the others, not the pinned pages
     wait_for(lambda: _tiers(cluster)[("node0", "dram")].demotions > 0, 10.0, "demotions")
@@ -187,7 +177,7 @@ def test_pins_hold_until_their_ttl(tiered):
     stub.Evict(pb.EvictRequest(namespace="tiers/ns"), timeout=5)
     assert c.match_prefix(hot) == 0, "the pin ended with its TTL"
     # unpin ends a pin at once
-    assert _put(c, hot, hot_data) == 4
+    assert put_or_no_room(c, hot, hot_data) == 4
     assert c.pin_prefix(hot, ttl_s=60) == 4 * PAGE
     assert c.unpin_prefix(hot) == 4 * PAGE
     stub.Evict(pb.EvictRequest(namespace="tiers/ns"), timeout=5)
@@ -206,7 +196,7 @@ def test_drain_moves_everything_that_fits_then_unregisters(tiered):
     for i in range(10):
         tokens = prompt(700 + i, 4 * PAGE)
         data = _data(700 + i, 4)
-        assert _put(c, tokens, data) == 4
+        assert put_or_no_room(c, tokens, data) == 4
         written.append((tokens, data))
     usage = _tiers(cluster)
     source = max(("node0", "node1"), key=lambda n: usage[(n, "dram")].pages)
@@ -278,5 +268,5 @@ def test_bad_input_for_the_tier_rpcs(tiered):
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (request, err.value)
     tokens = prompt(4, 2 * PAGE)
     data = _data(4, 2)
-    assert _put(c, tokens, data) == 2
+    assert put_or_no_room(c, tokens, data) == 2
     _check(c, tokens, data, 2)

@@ -15,11 +15,11 @@ from typing import Any
 import numpy as np
 import pytest
 
-from kvstore import config, grants, keys
+from kvstore import grants, keys
 from kvstore._proto import kvstore_pb2 as pb
 from kvstore.errors import KVStoreError
 from kvstore.master.core import Master
-from kvstore.metadata.embedded import EmbeddedBackend
+from kvstore.testing import master_in_process
 
 MiB = 1 << 20
 SLOT = 64 * 1024  # 2 layers x 32 KiB segments
@@ -27,39 +27,11 @@ HANDLE = bytes(range(64))
 
 
 async def make_master(vram_bytes: int = 1 * MiB, **settings: Any) -> Master:
-    cfg = config.load(
-        {"read_lease_ms": 2000, "write_lease_ms": 2000, "arena_bytes": 256 * 1024, **settings}, environ={}
+    vram = pb.RegionInfo(
+        tier="vram", capacity_bytes=vram_bytes, ipc_handle=HANDLE, device=0, generation_path="/dev/shm/gen"
     )
-
-    async def send(node: int, msg: pb.SlotUpdates) -> None:
-        pass
-
-    master = Master(cfg, EmbeddedBackend(), sender=send)
-
-    async def inventory(record: Any) -> pb.InventoryResponse:
-        return pb.InventoryResponse()
-
-    master.nodes.inventory = inventory  # type: ignore[method-assign]
-    await master.start("test:1", background=False)
-    await master.register_node(
-        pb.RegisterNodeRequest(
-            node_id="n1",
-            incarnation=b"n1".ljust(16, b"."),
-            host_id="h",
-            control_address="127.0.0.1:1",
-            data_address="127.0.0.1:2",
-            pool_path="/dev/shm/x",
-            regions=[
-                pb.RegionInfo(tier="dram", capacity_bytes=4 * MiB),
-                pb.RegionInfo(
-                    tier="vram",
-                    capacity_bytes=vram_bytes,
-                    ipc_handle=HANDLE,
-                    device=0,
-                    generation_path="/dev/shm/gen",
-                ),
-            ],
-        )
+    master: Master = await master_in_process(
+        [pb.RegionInfo(tier="dram", capacity_bytes=4 * MiB), vram], arena_bytes=256 * 1024, **settings
     )
     await master.create_namespace(
         pb.NamespaceSpec(name="ns", page_size=4, num_layers=2, segment_bytes=32 * 1024)

@@ -4,17 +4,16 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from typing import Any
 
 import numpy as np
 import pytest
 
-from kvstore import config, keys
+from kvstore import keys
 from kvstore._proto import kvstore_pb2 as pb
 from kvstore.errors import ErrorCode, KVStoreError
 from kvstore.master.core import Master
 from kvstore.master.index import DOOMED
-from kvstore.metadata.embedded import EmbeddedBackend
+from kvstore.testing import master_in_process
 
 MiB = 1 << 20
 LAYERS = 4
@@ -29,30 +28,13 @@ class Clock:
 
 
 async def _master() -> Master:
-    cfg = config.load(
-        {"read_lease_ms": 5000, "write_lease_ms": 5000, "quarantine_ms": 500, "arena_bytes": MiB}, environ={}
-    )
-
-    async def send(node: int, msg: pb.SlotUpdates) -> None:
-        return None
-
-    master = Master(cfg, EmbeddedBackend(), clock=Clock(), sender=send)
-
-    async def inventory(record: Any) -> pb.InventoryResponse:
-        return pb.InventoryResponse()
-
-    master.nodes.inventory = inventory  # type: ignore[method-assign]
-    await master.start("test:1", background=False)
-    await master.register_node(
-        pb.RegisterNodeRequest(
-            node_id="n0",
-            incarnation=b"n0".ljust(16, b"."),
-            host_id="h",
-            control_address="127.0.0.1:1",
-            data_address="127.0.0.1:2",
-            pool_path="/dev/shm/x",
-            regions=[pb.RegionInfo(tier="dram", capacity_bytes=16 * MiB)],
-        )
+    master: Master = await master_in_process(
+        [pb.RegionInfo(tier="dram", capacity_bytes=16 * MiB)],
+        clock=Clock(),
+        node_id="n0",
+        read_lease_ms=5000,
+        write_lease_ms=5000,
+        quarantine_ms=500,
     )
     await master.create_namespace(
         pb.NamespaceSpec(name="ns", page_size=4, num_layers=LAYERS, segment_bytes=4096)
