@@ -110,6 +110,7 @@ class _Worker:
         self.gpu_stream = self.gpu_direct
         self._cache_kw = cache_argument(self.model)
         self.computed_tokens = 0  # tokens the model was given since the last reset (a pre-hook counts them)
+        self.read_s = 0.0  # the last load_prefix's store read (lease, copy, release), synchronised
         self.model.model.register_forward_pre_hook(self._count_tokens, with_kwargs=True)
 
     def info(self) -> dict[str, Any]:
@@ -182,16 +183,21 @@ class _Worker:
         from kvstore.demo.model import new_cache
 
         cache = new_cache(self.model)
+        self.read_s = 0.0
         num_pages = len(ids) // self.spec.page_size
         if num_pages == 0:
             return cache, 0
+        buffer = self._read_buffer(num_pages)
+        started = time.monotonic()
         try:
             hit, out = self._with_host_fallback(
-                lambda buffer: self.client.get_prefix(ids, out=buffer), self._read_buffer(num_pages)
+                lambda buffer: self.client.get_prefix(ids, out=buffer), buffer
             )
         except KVStoreError as exc:
             log.warning("reading the prefix failed, recomputing it: %s", exc)
             return cache, 0
+        self._sync()
+        self.read_s = time.monotonic() - started  # the store's part of the load: lease, copy, release
         for layer in range(self.spec.num_layers):
             pages = hit.layer(layer) if out is None else out[layer, : hit.num_pages]
             if hit.num_pages:
@@ -330,6 +336,7 @@ class PrefillWorker(_Worker):
             "stored": job.failed is None,
             "t0": arrival if t0 is None else t0,
             "t_arrival": arrival,
+            "read_s": self.read_s,
             "t_loaded": loaded_at,
             "t_computed": computed_at,
             "t_done": done,
@@ -455,6 +462,7 @@ class DecodeWorker(_Worker):
             "computed_prompt_tokens": len(ids) - loaded if first_from == "computed" else 0,
             "t0": arrival if t0 is None else t0,
             "t_arrival": arrival,
+            "read_s": self.read_s,
             "t_loaded": loaded_at,
             "t_first": first_at,
             "t_done": done,
@@ -720,6 +728,7 @@ class PDPair:
             return {
                 "mode": mode,
                 "ttft": decode["t_first"] - t0,
+                "read_s": decode["read_s"],
                 "e2e": decode["t_first"] - t_prefill,
                 "prefill_s": prefill["t_done"] - t_prefill,
                 "prefill": prefill,
@@ -943,6 +952,7 @@ def run_bench(
             "kv_bytes": length // settings.page_size * settings.page_size * _kv_bytes_per_token(settings),
             "recompute_ttft_s": median("recompute", "ttft"),
             "load_ttft_s": median("load", "ttft"),
+            "load_read_s": median("load", "read_s"),
             "prefill_s": median("load", "prefill_s"),
             "load_e2e_s": median("load", "e2e"),
             "stream_e2e_s": median("stream", "e2e"),
@@ -980,6 +990,7 @@ TABLE_HEADERS = [
     "recompute TTFT ms",
     "load TTFT ms",
     "speedup",
+    "KV read GB/s",
     "prefill ms",
     "load e2e ms",
     "stream e2e ms",
@@ -999,6 +1010,7 @@ def _row_cells(row: dict[str, Any]) -> list[str]:
         _ms(row["recompute_ttft_s"]),
         _ms(row["load_ttft_s"]),
         speedup,
+        f"{row['kv_bytes'] / row['load_read_s'] / 1e9:.1f}" if row.get("load_read_s") else "-",
         _ms(row["prefill_s"]),
         _ms(row["load_e2e_s"]),
         _ms(row["stream_e2e_s"]),
