@@ -83,5 +83,13 @@ def unpack_keys(packed: bytes) -> list[bytes]:
 
 def sequence_digest(root: bytes, tokens: Any) -> bytes:
     """Digest of a whole token sequence (tail included): the key of its extras."""
-    arr = as_token_array(tokens)
-    return xxhash.xxh3_128(root + b"seq" + _U32.pack(arr.size) + arr.tobytes()).digest()
+    return validated_sequence_digest(root, as_token_array(tokens))
+
+
+def validated_sequence_digest(root: bytes, arr: np.ndarray) -> bytes:
+    """:func:`sequence_digest` of tokens :func:`as_token_array` already returned (not checked again)."""
+    # Streamed into the hash (same digest as hashing the concatenation): no 4-bytes-per-token copies,
+    # which cost ~1 ms per put_layer call at 262144 tokens.
+    state = xxhash.xxh3_128(root + b"seq" + _U32.pack(arr.size))
+    state.update(arr.data.cast("B") if arr.size else b"")
+    return state.digest()

@@ -13,7 +13,14 @@ beside its wall time.  Medians of ``--reps`` runs; JSON on stdout (and in ``--js
 ``--stream``: a prefill process writes ``--stream-layers`` layers (GPU tensors,
 put_layer_async) while a decoder process streams them into a GPU tensor
 (get_prefix_stream); reports how long after the last layer's commit the
-decoder has every layer, beside one layer's transfer time.
+decoder has every layer, beside one layer's transfer time; the writer's CommitLayer calls
+and the decoder's stream updates and reads are traced (``runs[i].writer.commits``,
+``runs[i].decoder.trace``).
+
+``--vram-only``: a node with a VRAM region; put_layer / leased get_prefix GB/s through
+CUDA IPC (GPU tensor <-> the region) beside one 1 GiB device-to-device copy, then the
+VRAM -> DRAM demotion throughput (one sequence past the high watermark, time until the
+region is under its low one; ``--vram-move-batch`` sets tier_move_batch).
 
     source bench/gpu/prepare.sh && python bench/gpu/bench_gpu.py --stream --json $OUT/bench_gpu.json
 """
@@ -409,8 +416,14 @@ STREAM_NAMESPACE = "bench/gpu-stream"
 _worker: dict[str, Any] = {}  # the client and tensors of a stream worker process, kept between calls
 
 
-def stream_writer_setup(master: str, pages: int, layers: int, lib: str) -> float:
+def _switch_interval(ms: float) -> None:
+    if ms:
+        sys.setswitchinterval(ms / 1000.0)
+
+
+def stream_writer_setup(master: str, pages: int, layers: int, lib: str, switch_ms: float = 0.0) -> float:
     """The prefill process: a client, one GPU tensor per layer, the kernel and pool warmed up."""
+    _switch_interval(switch_ms)
     from kvstore.client import KVStoreClient
     from kvstore.config import load
 
@@ -421,7 +434,7 @@ def stream_writer_setup(master: str, pages: int, layers: int, lib: str) -> float
     warm = prompt(998, 4 * PAGE)
     for layer in range(layers):
         client.put_layer(warm, layer, kv[layer][:4])
-    _worker.update(client=client, kv=kv, pages=pages, layers=layers, lib=lib)
+    _worker.update(client=client, kv=kv, pages=pages, layers=layers, lib=lib, commits=_trace_commits(client))
     # one layer's put, the data path alone: the middle layers of a sequence written synchronously
     tokens = prompt(997, pages * PAGE)
     times = []
@@ -452,10 +465,52 @@ def stream_writer_rep(rep: int, layer_ms: float) -> dict[str, Any]:
     handed = _now()
     client.flush()
     assert all(f.result() == pages for f in futures)
-    return {"start": start, "handed_over": handed, "done": done}
+    commits = [c for c in _worker["commits"] if c[0] >= start]
+    _worker["commits"].clear()
+    return {"start": start, "handed_over": handed, "done": done, "commits": commits}
 
 
-def stream_decoder_setup(master: str, pages: int, layers: int, lib: str) -> None:
+def _trace_commits(client: Any) -> list[tuple[float, float, int, bool]]:
+    """Record every CommitLayer of the writer: (sent, answered, layers, deferred) - where a stream's wait goes."""
+    trace: list[tuple[float, float, int, bool]] = []
+    acall = client._master.acall
+
+    async def traced(method: str, request: Any, *args: Any, **kwargs: Any) -> Any:
+        if method != "CommitLayer":
+            return await acall(method, request, *args, **kwargs)
+        sent = _now()
+        try:
+            return await acall(method, request, *args, **kwargs)
+        finally:
+            trace.append((sent, _now(), len(request.layers) // 2, bool(request.deferred)))
+
+    client._master.acall = traced
+    return trace
+
+
+def _trace_stream() -> list[tuple[str, float, int]]:
+    """Record in the decoder when each stream update is taken in and each read starts/ends."""
+    from kvstore.client import stream as stream_mod
+
+    trace: list[tuple[str, float, int]] = []
+    absorb, read_layers = stream_mod.PrefixStream._absorb, stream_mod.PrefixStream._read_layers
+
+    def traced_absorb(self: Any, update: Any) -> None:
+        trace.append(("update", _now(), len(update.layers_ready) // 2))
+        absorb(self, update)
+
+    def traced_read(self: Any, first: int, stop: int) -> None:
+        trace.append(("read", _now(), stop - first))
+        read_layers(self, first, stop)
+        trace.append(("read_done", _now(), stop - first))
+
+    stream_mod.PrefixStream._absorb = traced_absorb  # type: ignore[method-assign]
+    stream_mod.PrefixStream._read_layers = traced_read  # type: ignore[method-assign]
+    return trace
+
+
+def stream_decoder_setup(master: str, pages: int, layers: int, lib: str, switch_ms: float = 0.0) -> None:
+    _switch_interval(switch_ms)
     from kvstore.client import KVStoreClient
     from kvstore.config import load
 
@@ -464,7 +519,7 @@ def stream_decoder_setup(master: str, pages: int, layers: int, lib: str) -> None
     out = _gpu_tensor(lib, layers * pages, seg, False).reshape(layers, pages, -1)
     warm = _gpu_tensor(lib, layers * 4, seg, False).reshape(layers, 4, -1)
     client.get_prefix(prompt(998, 4 * PAGE), out=warm)  # compiles the kernel, registers the pool
-    _worker.update(client=client, out=out, pages=pages, layers=layers)
+    _worker.update(client=client, out=out, pages=pages, layers=layers, trace=_trace_stream())
 
 
 def stream_decoder_rep(rep: int) -> dict[str, Any]:
@@ -478,6 +533,8 @@ def stream_decoder_rep(rep: int) -> dict[str, Any]:
         for ready in stream:
             ready_at[ready.index] = _now()
             assert ready.num_pages == pages, f"layer {ready.layer}: {ready.num_pages} of {pages} pages"
+    trace = [t for t in _worker["trace"] if t[1] >= opened]
+    _worker["trace"].clear()
     lease = client.acquire_prefix(tokens)
     one = []
     for layer in range(min(layers, 8)):
@@ -485,7 +542,13 @@ def stream_decoder_rep(rep: int) -> dict[str, Any]:
         client.get_prefix(tokens, layers=[layer], out=out[layer], lease=lease)
         one.append(time.perf_counter() - t0)
     client.release(lease)
-    return {"opened": opened, "first_answer": first, "ready_at": ready_at, "get_one_layer_s": _median(one)}
+    return {
+        "opened": opened,
+        "first_answer": first,
+        "ready_at": ready_at,
+        "get_one_layer_s": _median(one),
+        "trace": trace,
+    }
 
 
 def stream_close() -> None:
@@ -495,7 +558,9 @@ def stream_close() -> None:
     _worker.clear()
 
 
-def stream_bench(pages: int, layers: int, reps: int, lib: str, layer_ms: float) -> dict[str, Any]:
+def stream_bench(
+    pages: int, layers: int, reps: int, lib: str, layer_ms: float, switch_ms: float = 0.0
+) -> dict[str, Any]:
     """Prefill and decoder in two processes; the decoder has every layer how long after the last commit?"""
     seg = 2 * KV_HEADS * PAGE * HEAD_DIM * 2
     slot = ((layers * seg + 4095) // 4096) * 4096
@@ -513,9 +578,9 @@ def stream_bench(pages: int, layers: int, reps: int, lib: str, layer_ms: float) 
         setup.close()
         with process_pool(1) as wpool, process_pool(1) as dpool:
             put_layer_s = wpool.submit(
-                stream_writer_setup, cluster.master_address, pages, layers, lib
+                stream_writer_setup, cluster.master_address, pages, layers, lib, switch_ms
             ).result()
-            dpool.submit(stream_decoder_setup, cluster.master_address, pages, layers, lib).result()
+            dpool.submit(stream_decoder_setup, cluster.master_address, pages, layers, lib, switch_ms).result()
             runs = []
             for rep in range(reps):
                 decoded = dpool.submit(stream_decoder_rep, rep)
@@ -554,6 +619,168 @@ def stream_bench(pages: int, layers: int, reps: int, lib: str, layer_ms: float) 
     }
 
 
+# ----------------------------------------------------------------------------- VRAM tier (CUDA IPC)
+
+VRAM_NAMESPACE = "bench/gpu-vram"
+
+
+def _ipc_nodes(client: Any) -> list[str]:
+    return sorted(n for n, (_, ipc) in client._transports._ipc.items() if ipc is not None and ipc._pointers)
+
+
+def vram_worker(master: str, pages: int, layers: int, reps: int, lib: str) -> dict[str, Any]:
+    """Puts from a GPU tensor into the node's VRAM region and leased reads back, both over CUDA IPC."""
+    import torch
+
+    from kvstore.client import KVStoreClient
+    from kvstore.config import load
+
+    client = KVStoreClient(master, namespace=VRAM_NAMESPACE, config=load({"copy_threads": 8}, environ={}))
+    seg = client.layout.segment_bytes
+    kv = _gpu_tensor(lib, pages, seg, True)
+    out = _gpu_tensor(lib, pages, seg, False)
+    warm = prompt(996, 4 * PAGE)
+    for layer in range(layers):
+        client.put_layer(warm, layer, kv[:4])
+    client.get_prefix(warm, layers=[0], out=out[:4])
+    put: list[float] = []
+    get: list[float] = []
+    sequence: list[float] = []
+    for rep in range(reps):
+        tokens = prompt(20_000 + rep, pages * PAGE)
+        start = time.perf_counter()
+        for layer in range(layers):
+            t0 = time.perf_counter()
+            client.put_layer(tokens, layer, kv)
+            if 0 < layer < layers - 1:  # the data path: no OpenPut, no final (durable) commit
+                put.append(time.perf_counter() - t0)
+        sequence.append(time.perf_counter() - start)  # OpenPut to the final commit (every checksum)
+        lease = client.acquire_prefix(tokens)
+        assert lease.num_pages == pages, lease
+        for layer in range(layers):
+            t0 = time.perf_counter()
+            hit = client.get_prefix(tokens, layers=[layer], out=out, lease=lease)
+            get.append(time.perf_counter() - t0)
+            assert hit.num_pages == pages
+        client.release(lease)
+    assert torch.equal(out.view(torch.uint8), kv.view(torch.uint8)), "VRAM read-back differs"
+    opened = _ipc_nodes(client)
+    # the baseline: one 1 GiB device-to-device copy on the same GPU
+    a = torch.empty(pages * seg, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    d2d = []
+    for _ in range(5):
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        b.copy_(a)
+        stop.record()
+        stop.synchronize()
+        d2d.append(start.elapsed_time(stop) / 1000.0)
+    client.close()
+    nbytes = pages * seg
+    result = {
+        "ipc_nodes": opened,
+        "put_layer_s": put,
+        "put_sequence_s": sequence,
+        "put_sequence_GBps": layers * nbytes / _median(sequence) / 1e9,
+        "get_layer_leased_s": get,
+        "memcpy_1GiB_D2D_s": d2d,
+        "put_layer_GBps": nbytes / _median(put) / 1e9,
+        "get_layer_leased_GBps": nbytes / _median(get) / 1e9,
+        "memcpy_1GiB_D2D_GBps": nbytes / _median(d2d) / 1e9,
+    }
+    result["put_vs_d2d"] = result["put_layer_GBps"] / result["memcpy_1GiB_D2D_GBps"]
+    result["get_vs_d2d"] = result["get_layer_leased_GBps"] / result["memcpy_1GiB_D2D_GBps"]
+    return result
+
+
+def vram_fill(master: str, pages: int, layers: int, lib: str) -> float:
+    """Write one sequence (GPU tensor, into VRAM); returns when its last commit was answered."""
+    from kvstore.client import KVStoreClient
+    from kvstore.config import load
+
+    client = KVStoreClient(master, namespace=VRAM_NAMESPACE, config=load({"copy_threads": 8}, environ={}))
+    kv = _gpu_tensor(lib, pages, client.layout.segment_bytes, True)
+    tokens = prompt(30_000, pages * PAGE)
+    for layer in range(layers):
+        client.put_layer(tokens, layer, kv)
+    done = _now()
+    client.close()
+    return done
+
+
+def _vram_namespace(cluster: Any, layers: int) -> int:
+    setup = cluster.client(VRAM_NAMESPACE)
+    layout = setup.create_namespace(
+        page_size=PAGE, num_layers=layers, kind="mha", kv_heads=KV_HEADS, head_dim=HEAD_DIM, dtype="bfloat16"
+    )
+    setup.close()
+    return int(layout.slot_bytes)
+
+
+def _tiers(cluster: Any) -> dict[str, Any]:
+    (node,) = cluster.stats().nodes
+    return {t.tier: t for t in node.tiers}
+
+
+def vram_bench(pages: int, layers: int, reps: int, lib: str, move_batch: int = 256) -> dict[str, Any]:
+    """VRAM tier: put/get GB/s over CUDA IPC beside one D2D copy; then VRAM -> DRAM demotion throughput."""
+    seg = 2 * KV_HEADS * PAGE * HEAD_DIM * 2
+    slot = ((layers * seg + 4095) // 4096) * 4096
+    gib = 1 << 30
+    region = -(-(pages * slot * (reps + 1) + (256 << 20)) // gib) * gib
+    result: dict[str, Any] = {"pages": pages, "layers": layers, "reps": reps, "vram_region_bytes": region}
+    with Cluster(
+        1,
+        dram="256MiB",
+        vram=f"{region >> 30}GiB:0",
+        read_lease_ms=60000,
+        write_lease_ms=120000,
+        startup_timeout=120.0,
+    ) as cluster:
+        _vram_namespace(cluster, layers)
+        with process_pool(1) as pool:
+            result.update(pool.submit(vram_worker, cluster.master_address, pages, layers, reps, lib).result())
+        result["vram_pages_after"] = int(_tiers(cluster)["vram"].pages)
+    # Demotion: one sequence fills the region past its high watermark; time until it is under its low one.
+    seq = pages * slot
+    region = -(-int(seq / 0.8) // gib) * gib
+    high, low = 0.5, 0.1
+    with Cluster(
+        1,
+        dram=str(seq + gib),
+        vram=f"{region >> 30}GiB:0",
+        vram_high_watermark=high,
+        vram_low_watermark=low,
+        tier_move_batch=move_batch,
+        read_lease_ms=60000,
+        write_lease_ms=120000,
+        startup_timeout=120.0,
+    ) as cluster:
+        slot_bytes = _vram_namespace(cluster, layers)
+        with process_pool(1) as pool:
+            done = pool.submit(vram_fill, cluster.master_address, pages, layers, lib).result()
+        target = low * region + slot_bytes
+        deadline = time.monotonic() + 120
+        while _tiers(cluster)["vram"].allocated_bytes > target and time.monotonic() < deadline:
+            time.sleep(0.005)
+        under = _now()
+        usage = _tiers(cluster)
+        moved = int(usage["dram"].pages)
+        result["demotion"] = {
+            "vram_region_bytes": region,
+            "high_watermark": high,
+            "tier_move_batch": move_batch,
+            "low_watermark": low,
+            "pages_demoted": moved,
+            "bytes_demoted": moved * slot_bytes,
+            "seconds_after_last_commit": under - done,
+            "GBps": moved * slot_bytes / (under - done) / 1e9 if under > done else float("nan"),
+            "vram_pages_left": int(usage["vram"].pages),
+        }
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--pages", type=int, default=16384)
@@ -572,12 +799,34 @@ def main() -> None:
     parser.add_argument("--stream-layers", type=int, default=32)
     parser.add_argument("--stream-reps", type=int, default=5)
     parser.add_argument("--stream-layer-ms", type=float, default=0.0, help="pretend compute per layer")
+    parser.add_argument(
+        "--stream-switch-ms", type=float, default=0.0, help="sys.setswitchinterval in both stream processes"
+    )
+    parser.add_argument("--vram-only", action="store_true", help="run the VRAM tier bench alone")
+    parser.add_argument("--vram-reps", type=int, default=3)
+    parser.add_argument(
+        "--vram-move-batch", type=int, default=256, help="tier_move_batch of the demotion run"
+    )
     args = parser.parse_args()
+    if args.vram_only:
+        _emit(
+            {
+                "gpu": _gpu_name(),
+                "vram": vram_bench(args.pages, args.layers, args.vram_reps, args.lib, args.vram_move_batch),
+            },
+            args.json,
+        )
+        return
     if args.stream_only:
         result = {
             "gpu": _gpu_name(),
             "stream": stream_bench(
-                args.stream_pages, args.stream_layers, args.stream_reps, args.lib, args.stream_layer_ms
+                args.stream_pages,
+                args.stream_layers,
+                args.stream_reps,
+                args.lib,
+                args.stream_layer_ms,
+                args.stream_switch_ms,
             ),
         }
         _emit(result, args.json)
@@ -639,7 +888,12 @@ def main() -> None:
         )
     if args.stream:
         result["stream"] = stream_bench(
-            args.stream_pages, args.stream_layers, args.stream_reps, args.lib, args.stream_layer_ms
+            args.stream_pages,
+            args.stream_layers,
+            args.stream_reps,
+            args.lib,
+            args.stream_layer_ms,
+            args.stream_switch_ms,
         )
     _emit(result, args.json)
 

@@ -121,7 +121,11 @@ class KVStoreClient:
         self._layout: Layout | None = None
         self._root = b""
         self._key_memo: collections.OrderedDict[tuple[Any, ...], bytes] = collections.OrderedDict()
-        self._key_memo_lock = threading.Lock()
+        self._key_memo_lock = threading.Lock()  # guards both memos
+        # (lease answer, page keys) -> leased page count and node batches: see _leased_batches
+        self._lease_memo: collections.OrderedDict[tuple[int, int, int], tuple[Any, ...]] = (
+            collections.OrderedDict()
+        )
         self._closed = False
         self._loop = LoopThread()
         # calls sent without waiting (pipelined commits, get's own release): close() lets them land
@@ -283,7 +287,8 @@ class KVStoreClient:
         self, tokens: np.ndarray, contexts: Sequence[bytes] | None, tp_rank: int, tp_size: int
     ) -> SessionKey:
         # One hash of the keyed tokens, not the whole key chain: put_layer runs once per layer.
-        digest = keys.sequence_digest(self._root, tokens)
+        # ``tokens`` came from as_token_array (_full_pages): not validated a second time.
+        digest = keys.validated_sequence_digest(self._root, tokens)
         if contexts:
             digest = xxhash.xxh3_128(digest + b"".join(_U32.pack(len(c)) + c for c in contexts)).digest()
         return digest, tp_rank, tp_size
@@ -389,33 +394,33 @@ class KVStoreClient:
             self._fail_session(key, session, exc)
             raise
         # The commit goes out now that the bytes are in place, through the session's pump (one
-        # CommitLayer in flight, later layers merged into the next).  The call that completes the
-        # session's layers sends its commit at once, with whatever is still queued, and waits for
-        # it and the pump (so the pages are complete when it returns); the others return at once:
+        # CommitLayer in flight, later layers whose checksums are known merged into the next).
+        # The call that completes the session's layers waits for the pump to send everything,
+        # its own layers last and durably (so the pages are complete when it returns); the
+        # others return at once:
         # a CommitLayer round trip (client -> master -> nodes and back) costs as much as copying
         # 10-20 MiB here, and its CPU on the master overlaps the next layer's copy.
-        own: concurrent.futures.Future[Any] | None = None
+        completing = False
         with session.lock:
             error = session.commit_error
             if error is None:
                 session.layers_seen.update(layer_list)
+                session.unsent.append((layer_list, checksums))
                 if len(session.layers_seen) >= layout.num_layers:
-                    queued, session.unsent = [*session.unsent, (layer_list, checksums)], []
-                    own = self._submit("CommitLayer", self._commit_request(session, queued))
-                else:
-                    session.unsent.append((layer_list, checksums))
-                    if not session.pumping:
-                        session.pumping = True
-                        session.pump = self._submit_coroutine(self._commit_pump(session))
+                    # The pump sends this entry last and durably (not deferred); the layers queued
+                    # before it go out as their checksums come in, not all at once with it.
+                    completing = session.completing = True
+                if not session.pumping:
+                    session.pumping = True
+                    session.pump = self._submit_coroutine(self._commit_pump(session))
             finished = len(session.layers_seen) >= layout.num_layers
             pump = session.pump
         try:
             if error is not None:
                 raise error
-            if own is not None:
-                self._commit_result(own)
-                if pump is not None:
-                    self._commit_result(pump)
+            if completing:
+                assert pump is not None
+                self._commit_result(pump)
                 with session.lock:
                     error = session.commit_error
                 if error is not None:
@@ -440,19 +445,38 @@ class KVStoreClient:
         )
 
     async def _commit_pump(self, session: PutSession) -> None:
-        """Send the session's queued commits, merged, one CommitLayer at a time, until none are left."""
+        """Send the session's queued commits, merged, one CommitLayer at a time, until none are left.
+
+        Each CommitLayer carries the leading queued layers whose checksums are known: a GPU
+        write's are computed after its copy, and when the copies outpace the hashing, waiting
+        for every queued layer would hold back layers a stream reader could already have.
+        """
         while True:
+            pending: concurrent.futures.Future[Any] | None = None
             with session.lock:
-                queued, session.unsent = session.unsent, []
-                if not queued or session.failed or session.commit_error is not None:
+                if not session.unsent or session.failed or session.commit_error is not None:
                     session.pumping = False  # under the lock: a put_layer from now on starts a new pump
                     return
+                ready = 0
+                for _, sums in session.unsent:
+                    if isinstance(sums, concurrent.futures.Future) and not sums.done():
+                        break
+                    ready += 1
+                if ready:
+                    # the batch that holds the completing put's entry is the sequence's last commit:
+                    # durable (answered once the nodes hold every record), the others deferred
+                    deferred = not (session.completing and ready == len(session.unsent))
+                    queued, session.unsent = session.unsent[:ready], session.unsent[ready:]
+                else:
+                    # a future, not done: it stays queued and goes out in a later batch
+                    first: Any = session.unsent[0][1]
+                    pending = first
             try:
-                for _, sums in queued:  # GPU writes: their checksums are still being computed
-                    if isinstance(sums, concurrent.futures.Future):
-                        await asyncio.wrap_future(sums)
-                # the pump's commits need not wait for the nodes: the sequence's last commit does
-                await self._master.acall("CommitLayer", self._commit_request(session, queued, deferred=True))
+                if pending is not None:
+                    # wait for the first one (its error, if any, is the commit's: raised below)
+                    await asyncio.wait([asyncio.wrap_future(pending)])
+                    continue
+                await self._master.acall("CommitLayer", self._commit_request(session, queued, deferred))
             except KVStoreError as exc:
                 with session.lock:
                     session.commit_error = exc
@@ -541,6 +565,7 @@ class KVStoreClient:
             batches=batches,
             heads=heads,
             expires_unix_ms=response.expires_unix_ms,
+            columns=[np.searchsorted(new_pages, batch.pages) for batch in batches],
         )
 
     def _put_tier(self, side: Any) -> str:
@@ -560,11 +585,10 @@ class KVStoreClient:
         checksums = np.empty((len(plan.layers), len(session.new_pages)), dtype=np.uint64)
         deferred: list[tuple[Callable[[], np.ndarray], np.ndarray]] = []
         try:
-            for batch in session.batches:
+            for batch, columns in zip(session.batches, session.columns, strict=True):
                 transport = self._transports.for_node(batch.node)
                 with transport.in_use():
                     run_hashes = transport.write(batch, plan)
-                columns = np.searchsorted(session.new_pages, batch.pages)
                 if callable(run_hashes):
                     deferred.append((run_hashes, columns))
                     continue
@@ -827,20 +851,19 @@ class KVStoreClient:
             return PrefixHit(0, 0, layer_list, head_range, data if side is None else side.hit_data(data, 0))
 
         page_keys = self._page_keys(arr, num_pages, contexts)
+        batches: tuple[list[NodeBatch], int] | None = None
         if lease is None:
             response = self._acquire(page_keys)
             count, owned = int(response.num_pages), response.lease_id
         else:
             response = self._describe(lease)
-            count, owned = (
-                _common_prefix(response.keys[: int(response.num_pages) * keys.KEY_BYTES], page_keys),
-                "",
-            )
+            owned = ""
+            count, batches = self._leased_batches(response, page_keys, num_pages)
         try:
             plan = CopyPlan(
                 layout, layer_list, head_range, buffer, num_pages, None if side is None else side.gpu
             )
-            found = self._read(response.placements, min(count, num_pages), plan)
+            found = self._read(response.placements, min(count, num_pages), plan, batches)
         finally:
             if owned:
                 self._release_quietly(owned)
@@ -939,11 +962,47 @@ class KVStoreClient:
             return
         future.add_done_callback(functools.partial(_log_release_failure, lease_id))
 
-    def _read(self, placements: pb.Placements, count: int, plan: CopyPlan) -> int:
-        """Read pages [0, count) into the plan's buffer; returns how many leading pages are good."""
+    def _leased_batches(
+        self, response: pb.AcquirePrefixResponse, page_keys: bytes, num_pages: int
+    ) -> tuple[int, tuple[list[NodeBatch], int] | None]:
+        """(pages of ``page_keys`` the lease covers, their node batches) for a read under a held lease.
+
+        A decoder reads one leased prefix layer by layer: the key compare and the grouping by
+        node do not change between those calls, so they are remembered for the last few
+        (lease answer, page keys) pairs, found by identity (the memo holds both objects, and a
+        lease answer is never modified).  The transports still check every batch per read.
+        """
+        memo_key = (id(response), id(page_keys), num_pages)
+        with self._key_memo_lock:
+            hit = self._lease_memo.get(memo_key)
+            if hit is not None and hit[0] is response and hit[1] is page_keys:
+                self._lease_memo.move_to_end(memo_key)
+                return hit[2], hit[3]
+        count = _common_prefix(response.keys[: int(response.num_pages) * keys.KEY_BYTES], page_keys)
+        count = min(count, num_pages)
+        batches = node_batches(response.placements, np.arange(count, dtype=np.int64)) if count > 0 else None
+        with self._key_memo_lock:
+            self._lease_memo[memo_key] = (response, page_keys, count, batches)
+            while len(self._lease_memo) > _KEY_MEMO_SIZE:
+                self._lease_memo.popitem(last=False)
+        return count, batches
+
+    def _read(
+        self,
+        placements: pb.Placements,
+        count: int,
+        plan: CopyPlan,
+        grouped: tuple[list[NodeBatch], int] | None = None,
+    ) -> int:
+        """Read pages [0, count) into the plan's buffer; returns how many leading pages are good.
+
+        ``grouped``: node_batches of exactly those pages, when the caller has them already.
+        """
         if count <= 0:
             return 0
-        batches, found = node_batches(placements, np.arange(count, dtype=np.int64))
+        if grouped is None:
+            grouped = node_batches(placements, np.arange(count, dtype=np.int64))
+        batches, found = grouped
         for batch in batches:
             if int(batch.pages[0]) >= found:
                 continue  # everything it holds lies past a miss already

@@ -33,6 +33,8 @@ class PutSession:
     batches: list[NodeBatch]  # the new pages grouped by node
     heads: tuple[int, int]
     expires_unix_ms: int
+    # per batch, its pages' positions among new_pages (the commit checksums' columns): fixed per session
+    columns: list[np.ndarray] = field(default_factory=list, repr=False)
     layers_seen: set[int] = field(default_factory=set)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     # Commits are pipelined: a put_layer hands its (layers, checksums) to the session's pump, a
@@ -41,6 +43,7 @@ class PutSession:
     unsent: list[tuple[list[int], np.ndarray]] = field(default_factory=list, repr=False)
     pump: concurrent.futures.Future[Any] | None = field(default=None, repr=False)
     pumping: bool = False  # a pump is running and will look at ``unsent`` again before it ends
+    completing: bool = False  # the put that completes the layers queued its entry: the pump's last commit
     commit_error: BaseException | None = None  # the first commit that failed
     failed: bool = False  # the put failed: nothing more is committed
 

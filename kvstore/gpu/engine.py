@@ -43,6 +43,23 @@ def engine_for(device: int) -> GpuEngine:
         return engine
 
 
+_side_engines: dict[int, GpuEngine] = {}
+
+
+def side_engine_for(device: int) -> GpuEngine:
+    """A second engine of ``device`` (its own stream and lock) for work off the caller's path.
+
+    The checksum gather of a VRAM write (device to pinned host memory, ~20 ms per GiB) runs on
+    the client's hash thread; on the transfers' engine it would hold the engine's lock and
+    stream, and the next layer's put would queue behind it.  Here it overlaps that put.
+    """
+    with _lock:
+        engine = _side_engines.get(device)
+        if engine is None:
+            engine = _side_engines[device] = GpuEngine(device)
+        return engine
+
+
 def split_long(table: np.ndarray, limit: int = SPLIT_BYTES) -> np.ndarray:
     """(dst, src, len) rows with every row longer than ``limit`` cut into ``limit``-byte pieces."""
     lengths = table[:, 2]

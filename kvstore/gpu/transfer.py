@@ -18,8 +18,10 @@ buffer.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
+import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -182,14 +184,11 @@ def slot_rects(plan: CopyPlan, batch: NodeBatch, data_address: int, to_slots: bo
     count = len(batch)
     if count == 0:
         return np.empty((0, 6), dtype=np.uint64)
-    slots = batch.slot_offsets.astype(np.int64)
     pages = batch.pages
-    breaks = np.flatnonzero((np.diff(slots) != batch.slot_bytes) | (np.diff(pages) != 1)) + 1
+    starts, heights = _page_runs(batch)
     head_runs = np.array(layout.shard_runs(plan.heads), dtype=np.uint64)  # (in segment, in shard, length)
-    if len(plan.layers) * len(head_runs) * (len(breaks) + 1) > MAX_RECT_COPIES:
+    if len(plan.layers) * len(head_runs) * len(starts) > MAX_RECT_COPIES:
         return None
-    starts = np.concatenate(([0], breaks))
-    heights = np.diff(np.concatenate((starts, [count]))).astype(np.uint64)
     shard = np.uint64(plan.shard_bytes)
     layer_stride = np.uint64(plan.num_pages * plan.shard_bytes)
     layer_idx = np.arange(len(plan.layers), dtype=np.uint64)
@@ -197,7 +196,7 @@ def slot_rects(plan: CopyPlan, batch: NodeBatch, data_address: int, to_slots: bo
     # [layers, head runs, page runs]
     slot_side = (
         np.uint64(data_address)
-        + batch.slot_offsets.astype(np.uint64)[starts][None, None, :]
+        + batch.slot_offsets[starts].astype(np.uint64)[None, None, :]
         + segment[:, None, None]
         + head_runs[None, :, 0, None]
     )
@@ -215,6 +214,33 @@ def slot_rects(plan: CopyPlan, batch: NodeBatch, data_address: int, to_slots: bo
     rects[..., 4] = head_runs[None, :, 2, None]
     rects[..., 5] = heights[None, None, :]
     return rects.reshape(-1, 6)
+
+
+# The page runs of the last few batches, by batch identity: a put session's batches and a held
+# lease's batches are the same objects from layer to layer, and finding their runs is the only
+# per-page pass of slot_rects.  Entries hold their batch, so the ids stay theirs.
+_RUN_MEMO: collections.OrderedDict[int, tuple[NodeBatch, np.ndarray, np.ndarray]] = collections.OrderedDict()
+_RUN_MEMO_SIZE = 16
+_run_memo_lock = threading.Lock()
+
+
+def _page_runs(batch: NodeBatch) -> tuple[np.ndarray, np.ndarray]:
+    """(first index, length) of each run of the batch's pages that sit in consecutive slots and positions."""
+    with _run_memo_lock:
+        hit = _RUN_MEMO.get(id(batch))
+        if hit is not None and hit[0] is batch:
+            _RUN_MEMO.move_to_end(id(batch))
+            return hit[1], hit[2]
+    count = len(batch)
+    slots = batch.slot_offsets.astype(np.int64)
+    breaks = np.flatnonzero((np.diff(slots) != batch.slot_bytes) | (np.diff(batch.pages) != 1)) + 1
+    starts = np.concatenate(([0], breaks)).astype(np.int64)
+    heights = np.diff(np.concatenate((starts, [count]))).astype(np.uint64)
+    with _run_memo_lock:
+        _RUN_MEMO[id(batch)] = (batch, starts, heights)
+        while len(_RUN_MEMO) > _RUN_MEMO_SIZE:
+            _RUN_MEMO.popitem(last=False)
+    return starts, heights
 
 
 def _to_slots(plan: CopyPlan, batch: NodeBatch, data_device_address: int, to_slots: bool) -> None:

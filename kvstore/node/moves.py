@@ -161,13 +161,14 @@ class Mover:
             return np.asarray(good)
         if kinds == ("vram", "dram"):
             addresses = np.uint64(dst.tier.data_address) + dst_slots
-            src.tier.copy_to_host(src_slots, addresses, sizes)  # type: ignore[attr-defined]
+            # one kernel launch for every slot of the request (the pool registered with CUDA once)
+            src.tier.copy_to_host(src_slots, addresses, sizes, _host_span(dst.tier))  # type: ignore[attr-defined]
             sums = native.hash_ranges(np.stack((addresses, sizes), axis=1), self._threads)
             return np.asarray(src.tier.verify(src_slots, sums))  # type: ignore[attr-defined]
         if kinds == ("dram", "vram"):
             addresses = np.uint64(src.tier.data_address) + src_slots
             sums = native.hash_ranges(np.stack((addresses, sizes), axis=1), self._threads)
-            dst.tier.copy_from_host(dst_slots, addresses, sizes)  # type: ignore[attr-defined]
+            dst.tier.copy_from_host(dst_slots, addresses, sizes, _host_span(src.tier))  # type: ignore[attr-defined]
             dst.tier.remember(dst_slots, sums)  # type: ignore[attr-defined]
             return np.ones(len(src_slots), dtype=bool)
         raise KVStoreError(ErrorCode.INVALID_ARGUMENT, f"no move from {kinds[0]} to {kinds[1]}")
@@ -300,6 +301,12 @@ class Mover:
             c_sums[c_keep],
         )
         return done
+
+
+def _host_span(tier: object) -> tuple[int, int] | None:
+    """(base address, bytes) of a host tier's whole mapping (a DRAM pool), for one-launch VRAM moves."""
+    base, data = getattr(tier, "base_address", None), getattr(tier, "bytes", None)
+    return (int(base), len(data)) if base is not None and data is not None else None
 
 
 def _positions(table: np.ndarray, values: np.ndarray) -> np.ndarray:

@@ -195,6 +195,10 @@ class DramPool(Tier):
         self.generations[np.asarray(slot_offsets, dtype=np.uint64) // UNIT] = generations
 
     def close(self, unlink: bool | None = None) -> None:
+        # registered with CUDA by a GPU transfer or a one-launch VRAM move: unregister before unmapping
+        from kvstore.gpu import release_host_memory
+
+        release_host_memory(self.base_address)
         del self.bytes, self.generations
         try:
             self.mm.close()

@@ -249,21 +249,63 @@ class VramRegion(Tier):
     def data_view(self) -> memoryview:
         raise KVStoreError(ErrorCode.INVALID_ARGUMENT, "the VRAM tier is device memory")
 
-    def _copies(self, dsts: np.ndarray, srcs: np.ndarray, sizes: np.ndarray, kind: int) -> None:
+    def _copies(
+        self,
+        dsts: np.ndarray,
+        srcs: np.ndarray,
+        sizes: np.ndarray,
+        kind: int,
+        host_span: tuple[int, int] | None = None,
+    ) -> None:
+        """Copy (dst, src, size) rows between the region and host memory, completed on return.
+
+        ``host_span`` (base address, bytes): the host mapping every host-side address lies in
+        (the node's DRAM pool).  It is registered with CUDA once (mapped), and then the whole
+        request is ONE launch of the segment kernel over device-visible pointers.  Without
+        it (host memory the caller will not have registered) each row is one cudaMemcpyAsync.
+        """
+        if host_span is not None and len(dsts):
+            from kvstore.gpu import hostreg
+
+            base, nbytes = host_span
+            shift = hostreg.device_pointer(base, nbytes, self.device) - base  # 0 under unified addressing
+            host_side = dsts if kind == _D2H else srcs
+            lo, hi = int(host_side.min()), int((host_side + sizes.astype(np.uint64)).max())
+            if lo < base or hi > base + nbytes:
+                raise KVStoreError(ErrorCode.BAD_RANGE, "host side of a VRAM move outside its host mapping")
+            moved = (host_side.astype(np.int64) + shift).astype(np.uint64)
+            if kind == _D2H:
+                self._kernel_copy(moved, srcs, sizes.astype(np.uint64))
+            else:
+                self._kernel_copy(dsts, moved, sizes.astype(np.uint64))
+            return
         runtime = self._cupy.cuda.runtime
         with self._cupy.cuda.Device(self.device):
             for dst, src, size in zip(dsts.tolist(), srcs.tolist(), sizes.tolist(), strict=True):
                 runtime.memcpyAsync(dst, src, size, kind, self._stream.ptr)
             self._stream.synchronize()
 
-    def copy_to_host(self, slot_offsets: np.ndarray, addresses: np.ndarray, sizes: np.ndarray) -> None:
-        """Slots -> host memory (the node's pinned-or-not DRAM pool)."""
+    def copy_to_host(
+        self,
+        slot_offsets: np.ndarray,
+        addresses: np.ndarray,
+        sizes: np.ndarray,
+        host_span: tuple[int, int] | None = None,
+    ) -> None:
+        """Slots -> host memory (the node's DRAM pool: ``host_span`` makes it one kernel launch)."""
         srcs = np.uint64(self.device_address) + np.asarray(slot_offsets, dtype=np.uint64)
-        self._copies(np.asarray(addresses, dtype=np.uint64), srcs, np.asarray(sizes), _D2H)
+        self._copies(np.asarray(addresses, dtype=np.uint64), srcs, np.asarray(sizes), _D2H, host_span)
 
-    def copy_from_host(self, slot_offsets: np.ndarray, addresses: np.ndarray, sizes: np.ndarray) -> None:
+    def copy_from_host(
+        self,
+        slot_offsets: np.ndarray,
+        addresses: np.ndarray,
+        sizes: np.ndarray,
+        host_span: tuple[int, int] | None = None,
+    ) -> None:
+        """Host memory -> slots (``host_span`` as for :meth:`copy_to_host`)."""
         dsts = np.uint64(self.device_address) + np.asarray(slot_offsets, dtype=np.uint64)
-        self._copies(dsts, np.asarray(addresses, dtype=np.uint64), np.asarray(sizes), _H2D)
+        self._copies(dsts, np.asarray(addresses, dtype=np.uint64), np.asarray(sizes), _H2D, host_span)
 
     def remember(self, slot_offsets: np.ndarray, sums: np.ndarray) -> None:
         self.checksums[(np.asarray(slot_offsets, dtype=np.uint64) // SLOT_UNIT).astype(np.int64)] = sums

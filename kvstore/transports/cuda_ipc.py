@@ -190,6 +190,8 @@ class CudaIpcTransport(Transport):
 
         def hashes() -> np.ndarray:
             # Landed bytes, gathered from the region into pinned memory by one launch, hashed on the host.
+            from kvstore.gpu.engine import side_engine_for
+
             try:
                 runs = plan.table(batch, np.uint64(region) + batch.slot_offsets, True, 0)
                 sources = runs[..., 0].reshape(-1)
@@ -199,9 +201,11 @@ class CudaIpcTransport(Transport):
                 with staging.lock:
                     staging.view(max(int(lengths.sum()), 1))
                     table = np.stack((np.uint64(staging.device_address) + within, sources, lengths), axis=1)
-                    with gpu.engine:
-                        gpu.engine.copy_segments(table)
-                        gpu.engine.sync()
+                    # on the side engine: the next layer's put (on gpu.engine) does not wait for it
+                    engine = side_engine_for(gpu.device)
+                    with engine:
+                        engine.copy_segments(table)
+                        engine.sync()
                     ranges = np.ascontiguousarray(
                         np.stack((np.uint64(staging.address) + within, lengths), axis=1)
                     )

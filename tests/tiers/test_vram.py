@@ -58,6 +58,39 @@ def test_vram_region_roundtrip_and_checksums() -> None:
 
 
 @pytest.mark.skipif(bool(REASON), reason=f"no VRAM tier here: {REASON}")
+def test_vram_batched_moves_with_a_registered_host_span() -> None:
+    """Many slots of one move are one kernel launch over the registered host mapping; shuffled, odd sizes."""
+    from kvstore.gpu import hostreg
+
+    region = vram.VramRegion(16 * MiB, 0)
+    host_buf = mmap.mmap(-1, 8 * MiB)
+    back_buf = mmap.mmap(-1, 8 * MiB)
+    host = np.frombuffer(host_buf, dtype=np.uint8)
+    back = np.frombuffer(back_buf, dtype=np.uint8)
+    try:
+        rng = np.random.default_rng(7)
+        host[:] = rng.integers(0, 256, len(host), dtype=np.uint8)
+        count, unit = 96, 64 * 1024
+        slots = (rng.permutation(16 * MiB // unit)[:count].astype(np.uint64)) * np.uint64(unit)
+        places = (rng.permutation(8 * MiB // unit)[:count].astype(np.uint64)) * np.uint64(unit)
+        sizes = rng.integers(1, unit // 8, count).astype(np.uint64) * np.uint64(8)
+        span = (int(host.ctypes.data), len(host))
+        region.copy_from_host(slots, np.uint64(host.ctypes.data) + places, sizes, span)
+        back_span = (int(back.ctypes.data), len(back))
+        region.copy_to_host(slots, np.uint64(back.ctypes.data) + places, sizes, back_span)
+        for place, size in zip(places.tolist(), sizes.tolist(), strict=True):
+            np.testing.assert_array_equal(back[place : place + size], host[place : place + size])
+        with pytest.raises(Exception, match="outside"):
+            beyond = np.array([back.ctypes.data + len(back)], dtype=np.uint64)
+            region.copy_to_host(slots[:1], beyond, sizes[:1], back_span)
+    finally:
+        region.close()
+        hostreg.unregister(int(host.ctypes.data))
+        hostreg.unregister(int(back.ctypes.data))
+        del host, back
+
+
+@pytest.mark.skipif(bool(REASON), reason=f"no VRAM tier here: {REASON}")
 def test_node_with_vram_registers_the_region(make_cluster) -> None:
     cluster = make_cluster(vram="64MiB:0")
     tiers = sorted(t.tier for n in cluster.stats().nodes for t in n.tiers)
