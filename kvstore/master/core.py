@@ -1024,6 +1024,13 @@ class Master:
         completed, done, nodes = self._commit_layer(session_id, layers, checksums)
         if nodes and (done or completed or not deferred):
             await asyncio.gather(*(self.notifier.flush(node) for node in nodes))
+        else:
+            # Unanswered by the nodes, but on its way now (not at the next flush tick): the
+            # writer's last, durable commit then waits only for what came after it.
+            for node in nodes:
+                task = asyncio.get_running_loop().create_task(self.notifier.flush(node))
+                self._side_tasks.add(task)
+                task.add_done_callback(self._side_tasks.discard)
         return completed, done
 
     def _commit_layer(

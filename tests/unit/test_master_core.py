@@ -535,23 +535,37 @@ def test_extras_round_trip_and_lru_budget() -> None:
     assert h.master.extras.bytes <= 1000
 
 
-def _commits_sent(h: Harness, node: int) -> int:
-    return sum(len(np.frombuffer(u.commit_layers, np.uint16)) for u in h.updates.get(node, []))
-
-
 def test_deferred_commit_answers_before_the_node_holds_it_and_the_last_commit_waits(h: Harness) -> None:
-    node = h.master.nodes.by_id["n1"].index
     resp = h.put(h.keys(range(8)))
     h.flush()
-    before = _commits_sent(h, node)
-    completed, done = run(
-        h.master.commit_layer_durably(resp.session_id, np.array([0]), np.arange(2, dtype=np.uint64), True)
-    )
-    assert (completed, done) == (0, False)
-    assert _commits_sent(h, node) == before  # answered without a node round trip
-    completed, done = run(
-        h.master.commit_layer_durably(resp.session_id, np.array([1]), np.arange(2, dtype=np.uint64), True)
-    )
-    assert (completed, done) == (2, True)
-    # the commit that completed the pages was answered durably: the node holds both layers' records
-    assert _commits_sent(h, node) == before + 2 * 2
+    gate = asyncio.Event()
+    held: list[pb.SlotUpdates] = []
+    plain_send = h.master.notifier._send
+
+    async def slow_node(node: int, msg: pb.SlotUpdates) -> None:
+        held.append(msg)
+        await gate.wait()
+        await plain_send(node, msg)
+
+    h.master.notifier._send = slow_node
+    sums = np.arange(2, dtype=np.uint64)
+
+    async def body() -> None:
+        # the node has not answered (gate closed), yet the deferred commit is answered
+        first = await asyncio.wait_for(
+            h.master.commit_layer_durably(resp.session_id, np.array([0]), sums, True), 1.0
+        )
+        assert first == (0, False)
+        # the commit that completes the pages waits for the node, deferred or not
+        last = asyncio.ensure_future(
+            h.master.commit_layer_durably(resp.session_id, np.array([1]), sums, True)
+        )
+        await asyncio.sleep(0.05)
+        assert held and not last.done()
+        gate.set()
+        assert await asyncio.wait_for(last, 1.0) == (2, True)
+
+    run(body())
+    node = h.master.nodes.by_id["n1"].index
+    layers = np.concatenate([np.frombuffer(u.commit_layers, np.uint16) for u in h.updates[node]])
+    assert sorted(layers.tolist()) == [0, 0, 1, 1]  # both layers' records reached the node, in order
