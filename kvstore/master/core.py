@@ -18,6 +18,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -141,7 +142,8 @@ class Master:
         self._horizon_lock = asyncio.Lock()
         # (namespace id, parent key) -> [(row, epoch)] of adopted pages whose parent is not known yet
         self._awaiting_parent: dict[tuple[int, bytes], list[tuple[int, int]]] = {}
-        self._side_tasks: set[asyncio.Task[None]] = set()  # registrations learnt from the node watch
+        # registrations learnt from the node watch, node flushes of deferred commits
+        self._side_tasks: set[asyncio.Task[Any]] = set()
         self._tasks: list[asyncio.Task[None]] = []
 
     # ------------------------------------------------------------------ life cycle
