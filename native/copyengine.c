@@ -418,6 +418,124 @@ static PyObject *py_send(PyObject *self, PyObject *args, PyObject *kwargs) { ret
 
 static PyObject *py_recv(PyObject *self, PyObject *args, PyObject *kwargs) { return py_transfer(args, kwargs, 0); }
 
+/* ---------------------------------------------------------------- control-plane helpers
+ * Per-item loops that numpy can only express as many passes over small arrays: the page-key
+ * chain of a put (client) and the probing of the master's key table.  Short and GIL-held.
+ */
+
+/* key_chain(root, tokens, page_size, out): key[i] = xxh3_128(key[i-1] + u32le(0) + tokens of
+ * page i), key[-1] = root (keys.py, format v1, pages without context), written to out as the
+ * canonical (big-endian) 16-byte digests python-xxhash's digest() returns. */
+static PyObject *py_key_chain(PyObject *self, PyObject *args) {
+    Py_buffer root, tokens, out;
+    Py_ssize_t page_size;
+    if (!PyArg_ParseTuple(args, "y*y*nw*", &root, &tokens, &page_size, &out)) return NULL;
+    PyObject *result = NULL;
+    size_t stride = (size_t)page_size * 4;
+    size_t pages = page_size > 0 ? (size_t)tokens.len / stride : 0;
+    unsigned char *msg = NULL;
+    if (page_size <= 0 || root.len != 16 || (size_t)out.len < pages * 16) {
+        PyErr_SetString(PyExc_ValueError, "key_chain: root must be 16 bytes, page_size > 0, out 16 bytes per page");
+        goto done;
+    }
+    msg = PyMem_Malloc(20 + stride);
+    if (!msg) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    const unsigned char *tok = (const unsigned char *)tokens.buf;
+    unsigned char *dst = (unsigned char *)out.buf;
+    memcpy(msg, root.buf, 16);
+    memset(msg + 16, 0, 4);
+    for (size_t i = 0; i < pages; i++) {
+        memcpy(msg + 20, tok + i * stride, stride);
+        XXH128_canonical_t canon;
+        XXH128_canonicalFromHash(&canon, XXH3_128bits(msg, 20 + stride));
+        memcpy(dst + 16 * i, canon.digest, 16);
+        memcpy(msg, canon.digest, 16);
+    }
+    result = PyLong_FromSize_t(pages);
+done:
+    PyMem_Free(msg);
+    PyBuffer_Release(&root);
+    PyBuffer_Release(&tokens);
+    PyBuffer_Release(&out);
+    return result;
+}
+
+/* table_find(slots, keys, words, home, out): open addressing with linear probing over ``slots``
+ * (i32 row numbers, -1 empty, -2 deleted; power-of-two length); a row matches when its two u64
+ * words in ``keys`` equal the searched ones.  out[i] = the row of words[i], or -1. */
+static PyObject *py_table_find(PyObject *self, PyObject *args) {
+    Py_buffer slots, keys, words, home, out;
+    if (!PyArg_ParseTuple(args, "y*y*y*y*w*", &slots, &keys, &words, &home, &out)) return NULL;
+    PyObject *result = NULL;
+    size_t nslots = (size_t)slots.len / 4, nkeys = (size_t)keys.len / 16, n = (size_t)home.len / 8;
+    if (nslots == 0 || (nslots & (nslots - 1)) || (size_t)words.len < n * 16 || (size_t)out.len < n * 8) {
+        PyErr_SetString(PyExc_ValueError, "table_find: bad table shapes");
+        goto done;
+    }
+    const int32_t *sl = (const int32_t *)slots.buf;
+    const uint64_t *k = (const uint64_t *)keys.buf, *w = (const uint64_t *)words.buf;
+    const int64_t *h = (const int64_t *)home.buf;
+    int64_t *o = (int64_t *)out.buf;
+    size_t mask = nslots - 1;
+    for (size_t i = 0; i < n; i++) {
+        size_t p = (size_t)h[i] & mask;
+        int64_t found = -1;
+        for (size_t step = 0; step < nslots; step++, p = (p + 1) & mask) {
+            int32_t row = sl[p];
+            if (row == -1) break;
+            if (row >= 0 && (size_t)row < nkeys && k[2 * (size_t)row] == w[2 * i] && k[2 * (size_t)row + 1] == w[2 * i + 1]) {
+                found = row;
+                break;
+            }
+        }
+        o[i] = found;
+    }
+    result = Py_NewRef(Py_None);
+done:
+    PyBuffer_Release(&slots);
+    PyBuffer_Release(&keys);
+    PyBuffer_Release(&words);
+    PyBuffer_Release(&home);
+    PyBuffer_Release(&out);
+    return result;
+}
+
+/* table_place(slots, rows, home): put each row (i64) at the first free (empty or deleted) slot
+ * from its home position on; returns how many deleted slots were reused.  The caller keeps the
+ * table under its load limit, so a free slot always exists. */
+static PyObject *py_table_place(PyObject *self, PyObject *args) {
+    Py_buffer slots, rows, home;
+    if (!PyArg_ParseTuple(args, "w*y*y*", &slots, &rows, &home)) return NULL;
+    PyObject *result = NULL;
+    size_t nslots = (size_t)slots.len / 4, n = (size_t)home.len / 8;
+    if (nslots == 0 || (nslots & (nslots - 1)) || (size_t)rows.len < n * 8) {
+        PyErr_SetString(PyExc_ValueError, "table_place: bad table shapes");
+        goto done;
+    }
+    int32_t *sl = (int32_t *)slots.buf;
+    const int64_t *r = (const int64_t *)rows.buf, *h = (const int64_t *)home.buf;
+    size_t mask = nslots - 1, reused = 0;
+    for (size_t i = 0; i < n; i++) {
+        size_t p = (size_t)h[i] & mask, step = 0;
+        while (sl[p] >= 0 && step++ < nslots) p = (p + 1) & mask;
+        if (sl[p] >= 0) {
+            PyErr_SetString(PyExc_RuntimeError, "table_place: the table is full");
+            goto done;
+        }
+        if (sl[p] == -2) reused++;
+        sl[p] = (int32_t)r[i];
+    }
+    result = PyLong_FromSize_t(reused);
+done:
+    PyBuffer_Release(&slots);
+    PyBuffer_Release(&rows);
+    PyBuffer_Release(&home);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"copy", (PyCFunction)(void (*)(void))py_copy, METH_VARARGS | METH_KEYWORDS,
      "copy(ops, hashes=None, threads=1): ops is packed u64 (dst, src, len) triples; "
@@ -431,6 +549,13 @@ static PyMethodDef methods[] = {
     {"recv", (PyCFunction)(void (*)(void))py_recv, METH_VARARGS | METH_KEYWORDS,
      "recv(fd, ops, hashes=None, timeout_ms=-1): fill each (addr, len) range in order from the socket; hashes, "
      "if given, receives xxh3_64 of each range.  Returns the bytes received."},
+    {"key_chain", py_key_chain, METH_VARARGS,
+     "key_chain(root, tokens, page_size, out): page keys v1 (no page context) into out, 16 bytes each; "
+     "returns the number of pages."},
+    {"table_find", py_table_find, METH_VARARGS,
+     "table_find(slots, keys, words, home, out): linear-probing lookup of [n, 2] u64 words; out[i] = row or -1."},
+    {"table_place", py_table_place, METH_VARARGS,
+     "table_place(slots, rows, home): insert rows by linear probing; returns deleted slots reused."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -276,7 +276,7 @@ class KVStoreClient:
             if packed is not None:
                 self._key_memo.move_to_end(memo)
                 return packed
-        packed = keys.pack_keys(keys.page_keys(self._root, keyed, layout.page_size, contexts))
+        packed = keys.packed_page_keys(self._root, keyed, layout.page_size, contexts)
         with self._key_memo_lock:
             self._key_memo[memo] = packed
             while len(self._key_memo) > _KEY_MEMO_SIZE:

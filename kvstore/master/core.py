@@ -878,7 +878,10 @@ class Master:
         heads = layout.head_range(tp_rank, tp_size)
         count = len(packed_keys) // KEY
         key_items = np.frombuffer(packed_keys, dtype=f"V{KEY}")
-        if len(np.unique(key_items)) != count:
+        # Duplicates: distinct first halves prove distinct keys (a sort of u64s); only a repeated
+        # half pays for the 16-byte comparison (np.unique of V16 costs 0.2 ms for 2048 keys).
+        first_halves = np.sort(np.frombuffer(packed_keys, dtype=np.uint64)[::2])
+        if np.any(first_halves[1:] == first_halves[:-1]) and len(np.unique(key_items)) != count:
             raise KVStoreError(ErrorCode.BAD_KEYS, "duplicate page keys in one request")
         if len(parent_key) == KEY and np.any(key_items == np.frombuffer(parent_key, dtype=f"V{KEY}")[0]):
             raise KVStoreError(ErrorCode.BAD_KEYS, "parent_key is one of the request's own page keys")
@@ -976,7 +979,17 @@ class Master:
                 parents[new_pos[sel]].tobytes(),
                 layout.slot_bytes,
             )
-        results = await asyncio.gather(*(self.notifier.flush(node) for node in touched))
+        flushes = [asyncio.ensure_future(self.notifier.flush(node)) for node in touched]
+        # Build the answer while the nodes apply the assignments: two loop turns put the RPCs on
+        # the wire (the flush task, then grpc's call task); the placements and their grants are
+        # pure computation on rows nobody else knows of yet.
+        if flushes:
+            await asyncio.sleep(0)
+            await asyncio.sleep(0)
+        placement_rows = np.full(count, -1, dtype=np.int64)
+        placement_rows[writer_pos] = writer_rows
+        placements = self._placements(placement_rows, layout.slot_bytes, grants.WRITE, expires)
+        results = await asyncio.gather(*flushes)
         # a node may also have been dropped while we waited (its queue, and our pages, went with it)
         if not self.leading():
             raise KVStoreError(ErrorCode.NOT_LEADER, f"this master's leadership (term {self.term}) ended")
@@ -988,12 +1001,10 @@ class Master:
                 ErrorCode.UNAVAILABLE, "a storage node did not acknowledge its new slots; try again"
             )
 
-        placement_rows = np.full(count, -1, dtype=np.int64)
-        placement_rows[writer_pos] = writer_rows
         return pb.OpenPutResponse(
             session_id=session.session_id,
             status=status.tobytes(),
-            placements=self._placements(placement_rows, layout.slot_bytes, grants.WRITE, expires),
+            placements=placements,
             head_begin=heads[0],
             head_end=heads[1],
             expires_unix_ms=int(expires * 1000),

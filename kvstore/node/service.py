@@ -106,7 +106,8 @@ class NodeService(pb_grpc.NodeServicer):
             request.assign_keys,
             request.assign_parents,
             a_sizes,
-            [namespaces[i] for i in a_ns.tolist()],
+            # one namespace per batch is the rule: no Python object per slot for it
+            [namespaces[0]] * n_assign if len(namespaces) == 1 else [namespaces[i] for i in a_ns.tolist()],
         )
         tier.set_generation(a_slots, a_gens)
         inventory.note_generations(a_gens)

@@ -40,6 +40,26 @@ def test_keys_do_not_depend_on_the_token_dtype(dtype: np.dtype) -> None:
     assert [k.hex() for k in keys.page_keys(root, tokens, 4)] == PAGE_KEYS
 
 
+def test_native_chain_equals_the_formula() -> None:
+    """The native chain (pages without context) against DESIGN.md's formula, step by step in Python."""
+    import struct
+
+    import xxhash
+
+    root = keys.namespace_root("llama3-8b/bf16")
+    tokens = np.random.default_rng(7).integers(0, 2**31, size=300 * 7 + 3)
+    expected, parent = [], root
+    for page in range(300):
+        data = tokens[page * 7 : (page + 1) * 7].astype("<i4").tobytes()
+        parent = xxhash.xxh3_128(parent + struct.pack("<I", 0) + data).digest()
+        expected.append(parent)
+    assert keys.page_keys(root, tokens, 7) == expected
+    assert keys.packed_page_keys(root, tokens, 7) == b"".join(expected)
+    assert keys.packed_page_keys(root, tokens, 7, [b""] * 300) == b"".join(expected)
+    with_ctx = keys.packed_page_keys(root, tokens, 7, [b""] * 299 + [b"lora:7"])
+    assert with_ctx[: 299 * 16] == b"".join(expected[:299]) and with_ctx[299 * 16 :] != expected[299]
+
+
 def test_keys_chain_on_the_parent() -> None:
     root = keys.namespace_root("ns")
     a = keys.page_keys(root, [1, 2, 3, 4, 5, 6, 7, 8], 4)
