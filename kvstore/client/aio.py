@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine
 from types import TracebackType
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
@@ -68,22 +68,10 @@ class AsyncKVStoreClient:
     flush = _in_thread(KVStoreClient.flush)
 
     def put_layer_async(
-        self,
-        tokens: Any,
-        layer: int,
-        kv: Any,
-        tp_rank: int = 0,
-        tp_size: int = 1,
-        *,
-        contexts: Sequence[bytes] | None = None,
-        reader_host: str = "",
+        self, tokens: Any, layer: int, kv: Any, *args: Any, **kwargs: Any
     ) -> asyncio.Future[int]:
-        """KVStoreClient.put_layer_async: queued at once (no await needed); await the future for the pages written."""
-        return asyncio.wrap_future(
-            self.sync.put_layer_async(
-                tokens, layer, kv, tp_rank, tp_size, contexts=contexts, reader_host=reader_host
-            )
-        )
+        """KVStoreClient.put_layer_async (same arguments): queued at once; await the future for the pages written."""
+        return asyncio.wrap_future(self.sync.put_layer_async(tokens, layer, kv, *args, **kwargs))
 
     async def get_prefix_stream(self, tokens: Any, *args: Any, **kwargs: Any) -> AsyncPrefixStream:
         """KVStoreClient.get_prefix_stream, iterated with ``async for``; same arguments."""

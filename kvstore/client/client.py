@@ -730,45 +730,31 @@ class KVStoreClient:
             log.debug("abort of put session %d: %s", session_id, exc)
 
     # ------------------------------------------------------------ get
-    def match_prefix(self, tokens: Any, *, contexts: Sequence[bytes] | None = None) -> int:
-        """How many leading tokens are stored (whole pages); moves no data and takes no lease."""
+    def _prefix_call(self, method: str, tokens: Any, contexts: Sequence[bytes] | None, **fields: Any) -> int:
+        """One prefix RPC (MatchPrefix, PinPrefix, UnpinPrefix) on the full pages; returns tokens it covered."""
         arr, layout, num_pages = self._full_pages(tokens)
         if num_pages == 0:
             return 0
-        response = self._master.call(
-            "MatchPrefix",
-            pb.MatchPrefixRequest(namespace=self.namespace, keys=self._page_keys(arr, num_pages, contexts)),
+        request = getattr(pb, f"{method}Request")(
+            namespace=self.namespace, keys=self._page_keys(arr, num_pages, contexts), **fields
         )
+        response = self._master.call(method, request)
         return min(int(response.num_pages), num_pages) * layout.page_size
+
+    def match_prefix(self, tokens: Any, *, contexts: Sequence[bytes] | None = None) -> int:
+        """How many leading tokens are stored (whole pages); moves no data and takes no lease."""
+        return self._prefix_call("MatchPrefix", tokens, contexts)
 
     def pin_prefix(self, tokens: Any, ttl_s: float, *, contexts: Sequence[bytes] | None = None) -> int:
         """Keep the stored prefix of ``tokens`` out of eviction and demotion for ``ttl_s`` (tiers).
 
         Bounded: the master caps the TTL (max_pin_ms).  Takes no lease.  Returns tokens pinned.
         """
-        arr, layout, num_pages = self._full_pages(tokens)
-        if num_pages == 0:
-            return 0
-        response = self._master.call(
-            "PinPrefix",
-            pb.PinPrefixRequest(
-                namespace=self.namespace,
-                keys=self._page_keys(arr, num_pages, contexts),
-                ttl_ms=max(1, int(ttl_s * 1000)),
-            ),
-        )
-        return min(int(response.num_pages), num_pages) * layout.page_size
+        return self._prefix_call("PinPrefix", tokens, contexts, ttl_ms=max(1, int(ttl_s * 1000)))
 
     def unpin_prefix(self, tokens: Any, *, contexts: Sequence[bytes] | None = None) -> int:
         """End a pin now (tiers); returns tokens unpinned."""
-        arr, layout, num_pages = self._full_pages(tokens)
-        if num_pages == 0:
-            return 0
-        response = self._master.call(
-            "UnpinPrefix",
-            pb.UnpinPrefixRequest(namespace=self.namespace, keys=self._page_keys(arr, num_pages, contexts)),
-        )
-        return min(int(response.num_pages), num_pages) * layout.page_size
+        return self._prefix_call("UnpinPrefix", tokens, contexts)
 
     def acquire_prefix(
         self, tokens: Any, *, lease_ms: int = 0, contexts: Sequence[bytes] | None = None
