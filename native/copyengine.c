@@ -262,7 +262,9 @@ static PyObject *py_fill(PyObject *self, PyObject *args) {
 
 /* ---------------------------------------------------------------- socket I/O */
 
+#ifndef IO_GROUP_BYTES
 #define IO_GROUP_BYTES (4u << 20)
+#endif
 #define IO_MAX_IOV 64
 
 typedef struct {
