@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -204,3 +206,66 @@ class Transport(ABC):
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release what the transport holds."""
+
+
+class MappedRegionTransport(Transport):
+    """A same-host transport that maps a node's region (its pool file, its VRAM by IPC handle).
+
+    The mapping is released only when no transfer is using it: :meth:`retire`
+    stops new transfers and the last one out releases it (:meth:`_release`,
+    called once).  ``file_removed`` tells when the node removed the file that
+    identifies the region (it stopped), by the file's inode.
+    """
+
+    def _init_lifetime(self, path: str, what: str) -> None:
+        self._lock = threading.Lock()
+        self._users = 0
+        self._retired = False
+        self._closed = False
+        self._watched_path = path
+        self._what = what
+        self._inode = os.stat(path).st_ino
+
+    @abstractmethod
+    def _release(self) -> None:
+        """Unmap the region (once, with no transfer running)."""
+
+    @contextlib.contextmanager
+    def in_use(self) -> Iterator[None]:
+        with self._lock:
+            if self._retired:
+                raise KVStoreError(ErrorCode.STALE_INCARNATION, f"{self._what} is no longer mapped")
+            self._users += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._users -= 1
+                close_now = self._retired and self._users == 0
+            if close_now:
+                self._release_once()
+
+    def retire(self) -> None:
+        """No new transfers; release the mapping once the running ones finish."""
+        with self._lock:
+            self._retired = True
+            close_now = self._users == 0
+        if close_now:
+            self._release_once()
+
+    def close(self) -> None:
+        self.retire()
+
+    def _release_once(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._release()
+
+    def file_removed(self) -> bool:
+        """True once the node removed the region's file (it stopped): nothing may be moved there any more."""
+        try:
+            return os.stat(self._watched_path).st_ino != self._inode
+        except OSError:
+            return True

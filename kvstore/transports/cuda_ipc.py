@@ -24,9 +24,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -35,7 +34,14 @@ from kvstore import native
 from kvstore._proto import kvstore_pb2 as pb
 from kvstore.errors import ErrorCode, KVStoreError
 from kvstore.tiers.vram import GenerationFile
-from kvstore.transports.base import CopyPlan, NodeBatch, RunHashes, Transport, check_batch
+from kvstore.transports.base import (
+    CopyPlan,
+    MappedRegionTransport,
+    NodeBatch,
+    RunHashes,
+    Transport,
+    check_batch,
+)
 
 log = logging.getLogger("kvstore.transports.cuda_ipc")
 
@@ -57,7 +63,7 @@ def _staging_for_hashes(device: int) -> Any:
         return buf
 
 
-class CudaIpcTransport(Transport):
+class CudaIpcTransport(MappedRegionTransport):
     """One node's VRAM region (one incarnation), opened by IPC handle on each client device that uses it."""
 
     name = "cuda_ipc"
@@ -73,46 +79,10 @@ class CudaIpcTransport(Transport):
         self._threads = max(1, copy_threads)
         self._pointers: dict[int, int] = {}  # client device -> the region's address there
         self._unopenable: set[int] = set()  # client devices where the handle did not open: TCP there
-        self._lock = threading.Lock()
-        self._users = 0
-        self._retired = False
-        self._closed = False
-        self._inode = os.stat(generations.path).st_ino
+        self._init_lifetime(generations.path, f"VRAM region of node {self.node_id}")
 
-    # -- lifetime: the handle is closed only when no transfer is using it
-    @contextlib.contextmanager
-    def in_use(self) -> Iterator[None]:
+    def _release(self) -> None:
         with self._lock:
-            if self._retired:
-                raise KVStoreError(
-                    ErrorCode.STALE_INCARNATION, f"VRAM region of node {self.node_id} is no longer open"
-                )
-            self._users += 1
-        try:
-            yield
-        finally:
-            with self._lock:
-                self._users -= 1
-                close_now = self._retired and self._users == 0
-            if close_now:
-                self._close()
-
-    def retire(self) -> None:
-        """No new transfers; close the IPC mappings once the running ones finish."""
-        with self._lock:
-            self._retired = True
-            close_now = self._users == 0
-        if close_now:
-            self._close()
-
-    def close(self) -> None:
-        self.retire()
-
-    def _close(self) -> None:
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
             pointers, self._pointers = self._pointers, {}
         if pointers:
             import cupy
@@ -124,13 +94,6 @@ class CudaIpcTransport(Transport):
                 except Exception as exc:  # noqa: BLE001 - the node may be gone already
                     log.debug("closing the VRAM IPC mapping of node %s: %s", self.node_id, exc)
         self.generations.close(unlink=False)
-
-    def file_removed(self) -> bool:
-        """True once the node removed its generation file (it stopped): its region is gone."""
-        try:
-            return os.stat(self.generations.path).st_ino != self._inode
-        except OSError:
-            return True
 
     def region_pointer(self, device: int) -> int | None:
         """The region's address on the client's ``device`` (opened once per device); None if it cannot be."""

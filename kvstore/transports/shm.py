@@ -8,11 +8,7 @@ reassigned meanwhile is a miss from that page on.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
-import threading
-from collections.abc import Iterator
 
 import numpy as np
 
@@ -20,12 +16,12 @@ from kvstore import native
 from kvstore.errors import ErrorCode, KVStoreError
 from kvstore.gpu import release_host_memory
 from kvstore.tiers.dram import DramPool
-from kvstore.transports.base import CopyPlan, NodeBatch, RunHashes, Transport, check_batch
+from kvstore.transports.base import CopyPlan, MappedRegionTransport, NodeBatch, RunHashes, check_batch
 
 log = logging.getLogger("kvstore.transports.shm")
 
 
-class ShmTransport(Transport):
+class ShmTransport(MappedRegionTransport):
     """One attached pool (one node incarnation)."""
 
     name = "shm"
@@ -33,53 +29,11 @@ class ShmTransport(Transport):
     def __init__(self, pool: DramPool, copy_threads: int = 1) -> None:
         self.pool = pool
         self._threads = max(1, copy_threads)
-        self._lock = threading.Lock()
-        self._users = 0
-        self._retired = False
-        self._closed = False
-        self._inode = os.stat(pool.path).st_ino
+        self._init_lifetime(pool.path, f"pool {pool.path}")
 
-    # -- lifetime: a pool is unmapped only when no transfer is using it
-    @contextlib.contextmanager
-    def in_use(self) -> Iterator[None]:
-        with self._lock:
-            if self._retired:
-                raise KVStoreError(ErrorCode.STALE_INCARNATION, f"pool {self.pool.path} is no longer mapped")
-            self._users += 1
-        try:
-            yield
-        finally:
-            with self._lock:
-                self._users -= 1
-                close_now = self._retired and self._users == 0
-            if close_now:
-                self._close_pool()
-
-    def retire(self) -> None:
-        """No new transfers; unmap once the running ones finish."""
-        with self._lock:
-            self._retired = True
-            close_now = self._users == 0
-        if close_now:
-            self._close_pool()
-
-    def close(self) -> None:
-        self.retire()
-
-    def _close_pool(self) -> None:
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
+    def _release(self) -> None:
         release_host_memory(self.pool.base_address)  # registered with CUDA if a GPU write used it
         self.pool.close(unlink=False)
-
-    def file_removed(self) -> bool:
-        """True once the node removed its pool file (it stopped): nothing may be written there any more."""
-        try:
-            return os.stat(self.pool.path).st_ino != self._inode
-        except OSError:
-            return True
 
     # -- data
     def _check_slots(self, batch: NodeBatch, plan: CopyPlan) -> None:
