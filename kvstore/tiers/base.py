@@ -83,13 +83,16 @@ class Tier(abc.ABC):
     def capacity_bytes(self) -> int:
         """Bytes of the slot area."""
 
-    @abc.abstractmethod
+    #: the generation table: u32 per SLOT_UNIT of the slot area, where readers see it
+    generations: np.ndarray
+
     def generation(self, slot_offsets: np.ndarray) -> np.ndarray:
         """Current generation (u32) of each slot, as readers see it."""
+        return self.generations[np.asarray(slot_offsets, dtype=np.uint64) // SLOT_UNIT].copy()
 
-    @abc.abstractmethod
     def set_generation(self, slot_offsets: np.ndarray, generations: np.ndarray) -> None:
         """Publish new generations for these slots (assignment or free)."""
+        self.generations[np.asarray(slot_offsets, dtype=np.uint64) // SLOT_UNIT] = generations
 
     @abc.abstractmethod
     def data_view(self) -> memoryview:

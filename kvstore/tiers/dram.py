@@ -188,12 +188,6 @@ class DramPool(Tier):
         if len(offsets) and int(ends.max()) > self.header.data_bytes:
             raise KVStoreError(ErrorCode.BAD_RANGE, "range outside the pool's slot area")
 
-    def generation(self, slot_offsets: np.ndarray) -> np.ndarray:
-        return self.generations[np.asarray(slot_offsets, dtype=np.uint64) // UNIT].copy()
-
-    def set_generation(self, slot_offsets: np.ndarray, generations: np.ndarray) -> None:
-        self.generations[np.asarray(slot_offsets, dtype=np.uint64) // UNIT] = generations
-
     def close(self, unlink: bool | None = None) -> None:
         # registered with CUDA by a GPU transfer or a one-launch VRAM move: unregister before unmapping
         from kvstore.gpu import release_host_memory

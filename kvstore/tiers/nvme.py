@@ -177,12 +177,6 @@ class NvmeRegion(Tier):
     def capacity_bytes(self) -> int:
         return self._capacity
 
-    def generation(self, slot_offsets: np.ndarray) -> np.ndarray:
-        return self.generations[np.asarray(slot_offsets, dtype=np.uint64) // SLOT_UNIT].copy()
-
-    def set_generation(self, slot_offsets: np.ndarray, generations: np.ndarray) -> None:
-        self.generations[np.asarray(slot_offsets, dtype=np.uint64) // SLOT_UNIT] = generations
-
     def data_view(self) -> memoryview:
         raise KVStoreError(ErrorCode.INVALID_ARGUMENT, "the NVMe tier is not mapped memory")
 

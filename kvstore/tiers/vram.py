@@ -30,7 +30,6 @@ request between it and the region.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
 import mmap
 import os
@@ -43,7 +42,7 @@ import numpy as np
 
 from kvstore.config import parse_size
 from kvstore.errors import ErrorCode, KVStoreError
-from kvstore.tiers.base import SLOT_UNIT, Tier, remove_if_orphaned
+from kvstore.tiers.base import SLOT_UNIT, Tier, created_locked, remove_if_orphaned
 
 log = logging.getLogger("kvstore.tiers.vram")
 
@@ -127,18 +126,9 @@ class GenerationFile:
         total = GEN_HEADER_BYTES + entries * 4
         # Created under a name sweepers ignore and renamed once locked (as pool files are).
         staging = os.path.join(directory, f".{GEN_PREFIX}staging-{uuid.uuid4().hex}")
-        fd = os.open(staging, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            os.rename(staging, path)
+        with created_locked(staging, path) as fd:
             os.posix_fallocate(fd, 0, total)
             mm = mmap.mmap(fd, total, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-        except BaseException:
-            os.close(fd)
-            for leftover in (staging, path):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(leftover)
-            raise
         _GEN_HEADER.pack_into(mm, 0, GEN_MAGIC, GEN_VERSION, incarnation, region_bytes, entries, os.getpid())
         return cls(path, fd, mm, incarnation, region_bytes, owner=True)
 
@@ -239,12 +229,6 @@ class VramRegion(Tier):
     @property
     def capacity_bytes(self) -> int:
         return self._capacity
-
-    def generation(self, slot_offsets: np.ndarray) -> np.ndarray:
-        return self.generations[np.asarray(slot_offsets, dtype=np.uint64) // SLOT_UNIT].copy()
-
-    def set_generation(self, slot_offsets: np.ndarray, generations: np.ndarray) -> None:
-        self.generations[np.asarray(slot_offsets, dtype=np.uint64) // SLOT_UNIT] = generations
 
     def data_view(self) -> memoryview:
         raise KVStoreError(ErrorCode.INVALID_ARGUMENT, "the VRAM tier is device memory")
