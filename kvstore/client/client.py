@@ -82,6 +82,28 @@ def _common_prefix(a: bytes, b: bytes) -> int:
     return int(differ[0]) if len(differ) else n
 
 
+class _Memo:
+    """A small thread-safe LRU map: the last few sequences' derived values (page keys, leased batches)."""
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._items: collections.OrderedDict[Any, Any] = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: Any) -> Any:
+        with self._lock:
+            value = self._items.get(key)
+            if value is not None:
+                self._items.move_to_end(key)
+            return value
+
+    def put(self, key: Any, value: Any) -> None:
+        with self._lock:
+            self._items[key] = value
+            while len(self._items) > self._size:
+                self._items.popitem(last=False)
+
+
 class KVStoreClient:
     """Puts and gets the KV cache of one namespace.
 
@@ -120,12 +142,8 @@ class KVStoreClient:
         self._sessions = SessionCache(session_cache_size)
         self._layout: Layout | None = None
         self._root = b""
-        self._key_memo: collections.OrderedDict[tuple[Any, ...], bytes] = collections.OrderedDict()
-        self._key_memo_lock = threading.Lock()  # guards both memos
-        # (lease answer, page keys) -> leased page count and node batches: see _leased_batches
-        self._lease_memo: collections.OrderedDict[tuple[int, int, int], tuple[Any, ...]] = (
-            collections.OrderedDict()
-        )
+        self._key_memo = _Memo(_KEY_MEMO_SIZE)  # token digest -> packed page keys: see _page_keys
+        self._lease_memo = _Memo(_KEY_MEMO_SIZE)  # (lease answer, page keys) -> batches: see _leased_batches
         self._closed = False
         self._loop = LoopThread()
         # calls sent without waiting (pipelined commits, get's own release): close() lets them land
@@ -271,16 +289,10 @@ class KVStoreClient:
             xxhash.xxh3_128_digest(keyed.tobytes() if keyed.size < 4096 else keyed.data.cast("B")),
             None if contexts is None else tuple(contexts[:num_pages]),
         )
-        with self._key_memo_lock:
-            packed = self._key_memo.get(memo)
-            if packed is not None:
-                self._key_memo.move_to_end(memo)
-                return packed
-        packed = keys.packed_page_keys(self._root, keyed, layout.page_size, contexts)
-        with self._key_memo_lock:
-            self._key_memo[memo] = packed
-            while len(self._key_memo) > _KEY_MEMO_SIZE:
-                self._key_memo.popitem(last=False)
+        packed: bytes | None = self._key_memo.get(memo)
+        if packed is None:
+            packed = keys.packed_page_keys(self._root, keyed, layout.page_size, contexts)
+            self._key_memo.put(memo, packed)
         return packed
 
     def _session_key(
@@ -959,18 +971,13 @@ class KVStoreClient:
         lease answer is never modified).  The transports still check every batch per read.
         """
         memo_key = (id(response), id(page_keys), num_pages)
-        with self._key_memo_lock:
-            hit = self._lease_memo.get(memo_key)
-            if hit is not None and hit[0] is response and hit[1] is page_keys:
-                self._lease_memo.move_to_end(memo_key)
-                return hit[2], hit[3]
+        hit = self._lease_memo.get(memo_key)
+        if hit is not None and hit[0] is response and hit[1] is page_keys:
+            return hit[2], hit[3]
         count = _common_prefix(response.keys[: int(response.num_pages) * keys.KEY_BYTES], page_keys)
         count = min(count, num_pages)
         batches = node_batches(response.placements, np.arange(count, dtype=np.int64)) if count > 0 else None
-        with self._key_memo_lock:
-            self._lease_memo[memo_key] = (response, page_keys, count, batches)
-            while len(self._lease_memo) > _KEY_MEMO_SIZE:
-                self._lease_memo.popitem(last=False)
+        self._lease_memo.put(memo_key, (response, page_keys, count, batches))
         return count, batches
 
     def _read(
