@@ -328,12 +328,39 @@ class Master:
         self.extras.drop_namespace(name)
         high = self.index.high
         rows = np.flatnonzero((self.index.ns[:high] == ns.ns_id) & (self.index.state[:high] != FREE))
-        leased = rows[self.index.lease_count[rows] > 0]
-        self.index.state[leased] = DOOMED
-        freed = await self._free_in_chunks(rows[self.index.lease_count[rows] == 0])
+        unleased = self._doom_leased(rows)
+        freed = await self._free_in_chunks(unleased)
         self._retire_namespace_if_empty(ns)
-        log.info("namespace %s deleted: %d pages freed, %d held by leases", name, freed, len(leased))
+        log.info(
+            "namespace %s deleted: %d pages freed, %d held by leases", name, freed, len(rows) - len(unleased)
+        )
         return freed
+
+    def _doom_leased(self, rows: np.ndarray) -> np.ndarray:
+        """Of rows to drop, make those a read lease holds DOOMED; return the others (to free now).
+
+        A DOOMED row is unmatchable and its key forgotten (a new put of the sequence
+        gets a fresh row); its slot stays and is freed when its last lease ends
+        (:meth:`_free_doomed`), so nothing under a lease is freed (invariant 2).
+        """
+        rows = np.asarray(rows, dtype=np.int64)
+        if not len(rows):
+            return rows
+        index = self.index
+        held = (index.lease_count[rows] > 0) & (index.state[rows] != FREE)
+        if not held.any():
+            return rows
+        doomed = rows[held]
+        ns_of = index.ns[doomed]
+        for ns_id in np.unique(ns_of).tolist():
+            sel = doomed[ns_of == ns_id]
+            table = index.tables.get(ns_id)
+            if table is not None:
+                table.delete(sel)
+            index.state[sel] = DOOMED
+            self.streams.rows_changed(ns_id, sel)
+        log.info("%d pages held by read leases: freed when those end", len(doomed))
+        return rows[~held]
 
     def _retire_namespace_if_empty(self, ns: Namespace) -> None:
         if ns.deleted and self.index.ns_rows[ns.ns_id] == 0 and self._by_ns_id.get(ns.ns_id) is ns:
@@ -1100,7 +1127,7 @@ class Master:
         rows = self.sessions.abort(session_id)
         if rows is None:
             raise KVStoreError(ErrorCode.SESSION_NOT_FOUND, f"put session {session_id} is unknown or expired")
-        return self._free_rows(self.streams.keep_leased(rows))
+        return self._free_rows(self._doom_leased(rows))
 
     # ------------------------------------------------------------------ get path
     def _match(self, ns: Namespace, packed_keys: bytes) -> tuple[np.ndarray, int]:
@@ -1415,7 +1442,7 @@ class Master:
         for abandoned in self.sessions.expire(now):
             if len(abandoned):
                 log.info("reclaiming %d pages of an expired put session", len(abandoned))
-                self._free_rows(self.streams.keep_leased(abandoned))
+                self._free_rows(self._doom_leased(abandoned))
         for record in list(self.nodes.by_index.values()):
             record.allocator.reclaim(now)
         for record in self.nodes.overdue(now):

@@ -14,7 +14,7 @@ only the streams of its namespace whose pages it touched, and each woken stream
 recomputes its progress with a few numpy passes over its own pages.
 
 Pages whose writer goes away (abort, expired session) while a stream's lease
-holds them are not freed: :meth:`StreamTable.keep_leased` marks them DOOMED
+holds them are not freed: :meth:`Master._doom_leased` marks them DOOMED
 (unmatchable, their key forgotten so a new writer starts afresh) and the lease's
 end frees them.  The stream then shrinks its page count to the first such page
 that lacks a wanted layer: the client learns those pages will never be ready.
@@ -34,7 +34,7 @@ import numpy as np
 from kvstore import grants, keys
 from kvstore._proto import kvstore_pb2 as pb
 from kvstore.errors import ErrorCode, KVStoreError
-from kvstore.master.index import COMPLETE, DOOMED, FREE, PENDING, ROOT
+from kvstore.master.index import COMPLETE, DOOMED, PENDING, ROOT
 
 if TYPE_CHECKING:
     from kvstore.master.core import Master, Namespace
@@ -117,32 +117,6 @@ class StreamTable:
         if stream is not None:
             stream.released = True
             stream.wake.set()
-
-    def keep_leased(self, rows: np.ndarray) -> np.ndarray:
-        """Of pending rows whose last writer left, keep those a read lease holds; return the rest (to free now).
-
-        A kept row becomes DOOMED: unmatchable, its key forgotten (a new put of the
-        sequence gets a fresh row), freed when its last lease ends (``Master._free_doomed``).
-        Its slot does not move and its committed layers stay readable meanwhile.
-        """
-        rows = np.asarray(rows, dtype=np.int64)
-        if not len(rows):
-            return rows
-        index = self._master.index
-        held = (index.lease_count[rows] > 0) & (index.state[rows] != FREE)
-        if not held.any():
-            return rows
-        doomed = rows[held]
-        ns_of = index.ns[doomed]
-        for ns_id in np.unique(ns_of).tolist():
-            sel = doomed[ns_of == ns_id]
-            table = index.tables.get(ns_id)
-            if table is not None:
-                table.delete(sel)
-            index.state[sel] = DOOMED
-            self.rows_changed(ns_id, sel)
-        log.info("%d pages of a gone writer are held by stream leases: freed when those end", len(doomed))
-        return rows[~held]
 
     def close(self, error: KVStoreError) -> None:
         """The master stops leading: every stream ends with ``error``."""
