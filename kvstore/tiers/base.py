@@ -18,6 +18,7 @@ import contextlib
 import fcntl
 import logging
 import os
+import time
 from collections.abc import Iterator
 
 import numpy as np
@@ -68,6 +69,35 @@ def remove_if_orphaned(path: str, what: str) -> bool:
         return True
     finally:
         os.close(fd)
+
+
+# A staging file younger than this may belong to a node still creating its region.
+STAGING_GRACE_S = 60.0
+
+
+def sweep_region_files(directory: str, prefix: str, staging_prefix: str, what: str) -> list[str]:
+    """Remove the region files (``prefix``) in ``directory`` whose node died; returns their paths.
+
+    Staging files (``staging_prefix``: a node died while creating its region) go too
+    once older than STAGING_GRACE_S; a live owner holds its file's flock, so only
+    dead nodes' files are removed (:func:`remove_if_orphaned`).
+    """
+    try:
+        names = os.listdir(directory)
+    except FileNotFoundError:
+        return []
+    removed: list[str] = []
+    for name in names:
+        path = os.path.join(directory, name)
+        if name.startswith(staging_prefix):
+            with contextlib.suppress(OSError):
+                if time.time() - os.path.getmtime(path) < STAGING_GRACE_S:
+                    continue
+        elif not name.startswith(prefix):
+            continue
+        if remove_if_orphaned(path, what):
+            removed.append(path)
+    return removed
 
 
 class Tier(abc.ABC):

@@ -25,14 +25,13 @@ import logging
 import mmap
 import os
 import struct
-import time
 import uuid
 from dataclasses import dataclass
 
 import numpy as np
 
 from kvstore.errors import ErrorCode, KVStoreError
-from kvstore.tiers.base import Tier, created_locked, remove_if_orphaned
+from kvstore.tiers.base import Tier, created_locked, sweep_region_files
 
 log = logging.getLogger("kvstore.tiers.dram")
 
@@ -43,7 +42,6 @@ UNIT = 4096
 DATA_ALIGN = 2 << 20
 POOL_PREFIX = "kvstore-pool-"
 STAGING_PREFIX = ".kvstore-staging-"
-STAGING_GRACE_S = 60.0
 # magic, version, incarnation, data_offset, data_bytes, gen_offset, gen_entries, owner pid
 _HEADER = struct.Struct("<8sI16sQQQQI")
 
@@ -207,20 +205,4 @@ class DramPool(Tier):
 
 def sweep_orphans(directory: str) -> list[str]:
     """Remove pool files whose node died (nobody holds their flock)."""
-    removed: list[str] = []
-    try:
-        names = os.listdir(directory)
-    except FileNotFoundError:
-        return removed
-    for name in names:
-        path = os.path.join(directory, name)
-        if name.startswith(STAGING_PREFIX):
-            # a node that died while creating its pool; a young one may still be renaming it
-            with contextlib.suppress(OSError):
-                if time.time() - os.path.getmtime(path) < STAGING_GRACE_S:
-                    continue
-        elif not name.startswith(POOL_PREFIX):
-            continue
-        if remove_if_orphaned(path, "pool file"):
-            removed.append(path)
-    return removed
+    return sweep_region_files(directory, POOL_PREFIX, STAGING_PREFIX, "pool file")

@@ -39,7 +39,7 @@ import numpy as np
 
 from kvstore.config import parse_size
 from kvstore.errors import ErrorCode, KVStoreError
-from kvstore.tiers.base import SLOT_UNIT, Tier, created_locked, remove_if_orphaned
+from kvstore.tiers.base import SLOT_UNIT, Tier, created_locked, sweep_region_files
 
 log = logging.getLogger("kvstore.tiers.nvme")
 
@@ -265,15 +265,4 @@ def _open_direct(path: str) -> tuple[int, bool, str]:
 
 def sweep_orphans(directory: str) -> list[str]:
     """Remove NVMe region files whose node died (nobody holds their flock)."""
-    removed: list[str] = []
-    try:
-        names = os.listdir(directory)
-    except FileNotFoundError:
-        return removed
-    for name in names:
-        if not name.startswith(FILE_PREFIX):
-            continue
-        path = os.path.join(directory, name)
-        if remove_if_orphaned(path, "NVMe region file"):
-            removed.append(path)
-    return removed
+    return sweep_region_files(directory, FILE_PREFIX, STAGING_PREFIX, "NVMe region file")

@@ -42,7 +42,7 @@ import numpy as np
 
 from kvstore.config import parse_size
 from kvstore.errors import ErrorCode, KVStoreError
-from kvstore.tiers.base import SLOT_UNIT, Tier, created_locked, remove_if_orphaned
+from kvstore.tiers.base import SLOT_UNIT, Tier, created_locked, sweep_region_files
 
 log = logging.getLogger("kvstore.tiers.vram")
 
@@ -50,6 +50,7 @@ GEN_MAGIC = b"KVSVGEN1"
 GEN_VERSION = 1
 GEN_HEADER_BYTES = 4096
 GEN_PREFIX = "kvstore-vramgen-"
+GEN_STAGING_PREFIX = f".{GEN_PREFIX}staging-"
 # magic, version, incarnation, region bytes, table entries, owner pid
 _GEN_HEADER = struct.Struct("<8sI16sQQI")
 
@@ -125,7 +126,7 @@ class GenerationFile:
         entries = region_bytes // SLOT_UNIT
         total = GEN_HEADER_BYTES + entries * 4
         # Created under a name sweepers ignore and renamed once locked (as pool files are).
-        staging = os.path.join(directory, f".{GEN_PREFIX}staging-{uuid.uuid4().hex}")
+        staging = os.path.join(directory, f"{GEN_STAGING_PREFIX}{uuid.uuid4().hex}")
         with created_locked(staging, path) as fd:
             os.posix_fallocate(fd, 0, total)
             mm = mmap.mmap(fd, total, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
@@ -181,16 +182,7 @@ class GenerationFile:
 
 def sweep_orphans(directory: str) -> list[str]:
     """Remove generation files whose node died (nobody holds their flock)."""
-    try:
-        names = os.listdir(directory)
-    except FileNotFoundError:
-        return []
-    return [
-        os.path.join(directory, name)
-        for name in names
-        if name.startswith(GEN_PREFIX)
-        and remove_if_orphaned(os.path.join(directory, name), "VRAM generation file")
-    ]
+    return sweep_region_files(directory, GEN_PREFIX, GEN_STAGING_PREFIX, "VRAM generation file")
 
 
 class VramRegion(Tier):

@@ -12,11 +12,10 @@ import numpy as np
 import pytest
 
 from kvstore.errors import ErrorCode, KVStoreError
-from kvstore.tiers.base import SLOT_UNIT, Tier
+from kvstore.tiers.base import SLOT_UNIT, STAGING_GRACE_S, Tier
 from kvstore.tiers.dram import (
     DATA_ALIGN,
     POOL_PREFIX,
-    STAGING_GRACE_S,
     STAGING_PREFIX,
     DramPool,
     read_header,
