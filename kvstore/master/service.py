@@ -13,7 +13,6 @@ import logging
 from collections.abc import AsyncIterator
 
 import grpc
-import numpy as np
 
 from kvstore._proto import kvstore_pb2 as pb
 from kvstore._proto import kvstore_pb2_grpc as pb_grpc
@@ -21,6 +20,7 @@ from kvstore.errors import ErrorCode, KVStoreError, grpc_errors
 from kvstore.keys import KEY_BYTES
 from kvstore.master.core import Master
 from kvstore.master.role import MasterRole
+from kvstore.packed import unpack
 
 log = logging.getLogger("kvstore.master")
 
@@ -48,15 +48,6 @@ def _name(name: str) -> str:
     if len(name.encode()) > MAX_NAME_BYTES:
         raise KVStoreError(ErrorCode.INVALID_ARGUMENT, f"namespace name longer than {MAX_NAME_BYTES} bytes")
     return name
-
-
-def _packed(data: bytes, dtype: str, what: str) -> np.ndarray:
-    size = np.dtype(dtype).itemsize
-    if len(data) % size:
-        raise KVStoreError(
-            ErrorCode.INVALID_ARGUMENT, f"{what}: {len(data)} bytes is not a multiple of {size}"
-        )
-    return np.frombuffer(data, dtype=dtype)
 
 
 def _tp(rank: int, size: int) -> tuple[int, int]:
@@ -134,8 +125,8 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
         self, request: pb.CommitLayerRequest, context: grpc.aio.ServicerContext
     ) -> pb.CommitLayerResponse:
         master = await self.role.master()
-        layers = _packed(request.layers, "<u2", "layers")
-        checksums = _packed(request.checksums, "<u8", "checksums")
+        layers = unpack(request.layers, "<u2", "layers")
+        checksums = unpack(request.checksums, "<u8", "checksums")
         completed, done = await master.commit_layer_durably(
             request.session_id, layers, checksums, deferred=request.deferred
         )
@@ -189,7 +180,7 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
         try:
             master = await self.role.master()
             packed = _keys(request.keys, self.max_pages, allow_empty=False)
-            layers = _packed(request.layers, "<u2", "layers")
+            layers = unpack(request.layers, "<u2", "layers")
             async for update in master.streams.stream(
                 _name(request.namespace),
                 packed,

@@ -34,6 +34,7 @@ from kvstore._proto import kvstore_pb2 as pb
 from kvstore.errors import ErrorCode, KVStoreError
 from kvstore.node.inventory import KEY_BYTES, Inventory
 from kvstore.node.state import NodeState
+from kvstore.packed import unpack
 from kvstore.tiers.base import SLOT_UNIT, Tier
 from kvstore.transports.tcp import ConnectionPool, TcpTransport, _chunks
 
@@ -46,15 +47,6 @@ class Region:
 
     tier: Tier
     inventory: Inventory
-
-
-def packed(raw: bytes, dtype: str, what: str) -> np.ndarray:
-    size = np.dtype(dtype).itemsize
-    if len(raw) % size:
-        raise KVStoreError(
-            ErrorCode.INVALID_ARGUMENT, f"{what}: {len(raw)} bytes is not a whole number of rows"
-        )
-    return np.frombuffer(raw, dtype=dtype)
 
 
 def _check_pairs(src_slots: np.ndarray, dst_slots: np.ndarray, dst_gens: np.ndarray) -> None:
@@ -99,10 +91,10 @@ class Mover:
         src, dst = self.region(request.src_tier), self.region(request.dst_tier)
         if src is dst:
             raise KVStoreError(ErrorCode.INVALID_ARGUMENT, "source and destination are the same region")
-        src_slots = packed(request.src_slots, "<u8", "src_slots")
-        src_gens = packed(request.src_generations, "<u4", "src_generations")
-        dst_slots = packed(request.dst_slots, "<u8", "dst_slots")
-        dst_gens = packed(request.dst_generations, "<u4", "dst_generations")
+        src_slots = unpack(request.src_slots, "<u8", "src_slots")
+        src_gens = unpack(request.src_generations, "<u4", "src_generations")
+        dst_slots = unpack(request.dst_slots, "<u8", "dst_slots")
+        dst_gens = unpack(request.dst_generations, "<u4", "dst_generations")
         _check_pairs(src_slots, dst_slots, dst_gens)
         if len(src_gens) != len(src_slots):
             raise KVStoreError(ErrorCode.INVALID_ARGUMENT, "src_generations: one per source slot")
@@ -180,16 +172,16 @@ class Mover:
             raise KVStoreError(ErrorCode.INVALID_ARGUMENT, f"cannot pull into the {dst.tier.tier} region")
         if not request.source.data_address or not request.HasField("grant"):
             raise KVStoreError(ErrorCode.INVALID_ARGUMENT, "source.data_address and grant are required")
-        src_slots = packed(request.src_slots, "<u8", "src_slots")
-        dst_slots = packed(request.dst_slots, "<u8", "dst_slots")
-        dst_gens = packed(request.dst_generations, "<u4", "dst_generations")
+        src_slots = unpack(request.src_slots, "<u8", "src_slots")
+        dst_slots = unpack(request.dst_slots, "<u8", "dst_slots")
+        dst_gens = unpack(request.dst_generations, "<u4", "dst_generations")
         _check_pairs(src_slots, dst_slots, dst_gens)
         dst.inventory.check_slots(dst_slots, "pull destination")
         self._state.observe_term(request.term)
 
         # sizes come from the source's records: a slot without one is not pulled
-        rec_slots = packed(request.records.assign_slots, "<u8", "records.assign_slots")
-        rec_sizes = packed(request.records.assign_slot_bytes, "<u8", "records.assign_slot_bytes")
+        rec_slots = unpack(request.records.assign_slots, "<u8", "records.assign_slots")
+        rec_sizes = unpack(request.records.assign_slot_bytes, "<u8", "records.assign_slot_bytes")
         if len(rec_slots) != len(rec_sizes):
             raise KVStoreError(ErrorCode.INVALID_ARGUMENT, "records: one slot size per assignment")
         at = _positions(rec_slots, src_slots)
@@ -236,7 +228,7 @@ class Mover:
     # -- DescribeSlots
     def describe(self, request: pb.DescribeSlotsRequest) -> pb.SlotUpdates:
         region = self.region(request.tier)
-        slots = packed(request.slots, "<u8", "slots")
+        slots = unpack(request.slots, "<u8", "slots")
         msg = region.inventory.describe(slots, self._state.highest_term)
         msg.tier = region.tier.tier
         return msg
@@ -251,13 +243,13 @@ class Mover:
         dst_gens: np.ndarray,
     ) -> np.ndarray:
         """Record ``records`` (source slot offsets) as the destination slots; returns which source slots were."""
-        a_slots = packed(records.assign_slots, "<u8", "records.assign_slots")
+        a_slots = unpack(records.assign_slots, "<u8", "records.assign_slots")
         done = np.zeros(len(src_slots), dtype=bool)
         if not len(a_slots):
             return done
-        a_gens_src = packed(records.assign_generations, "<u4", "records.assign_generations")
-        a_sizes = packed(records.assign_slot_bytes, "<u8", "records.assign_slot_bytes")
-        a_ns = packed(records.assign_ns_index, "<u2", "records.assign_ns_index")
+        a_gens_src = unpack(records.assign_generations, "<u4", "records.assign_generations")
+        a_sizes = unpack(records.assign_slot_bytes, "<u8", "records.assign_slot_bytes")
+        a_ns = unpack(records.assign_ns_index, "<u2", "records.assign_ns_index")
         if (
             not (len(a_gens_src) == len(a_sizes) == len(a_ns) == len(a_slots))
             or len(records.assign_keys) != len(a_slots) * KEY_BYTES
@@ -283,10 +275,10 @@ class Mover:
         )
         dst.tier.set_generation(new_slots, new_gens)
         dst.inventory.note_generations(new_gens)
-        c_slots = packed(records.commit_slots, "<u8", "records.commit_slots")
-        c_layers = packed(records.commit_layers, "<u2", "records.commit_layers")
-        c_heads = packed(records.commit_heads, "<u2", "records.commit_heads").reshape(-1, 2)
-        c_sums = packed(records.commit_checksums, "<u8", "records.commit_checksums")
+        c_slots = unpack(records.commit_slots, "<u8", "records.commit_slots")
+        c_layers = unpack(records.commit_layers, "<u2", "records.commit_layers")
+        c_heads = unpack(records.commit_heads, "<u2", "records.commit_heads").reshape(-1, 2)
+        c_sums = unpack(records.commit_checksums, "<u8", "records.commit_checksums")
         if not (len(c_slots) == len(c_layers) == len(c_heads) == len(c_sums)):
             raise KVStoreError(ErrorCode.INVALID_ARGUMENT, "records: malformed commit table")
         done[at] = True
@@ -321,7 +313,7 @@ def _positions(table: np.ndarray, values: np.ndarray) -> np.ndarray:
 
 def _only(records: pb.SlotUpdates, slots: np.ndarray) -> pb.SlotUpdates:
     """``records`` restricted to ``slots`` (the ones whose bytes arrived)."""
-    a_slots = packed(records.assign_slots, "<u8", "records.assign_slots")
+    a_slots = unpack(records.assign_slots, "<u8", "records.assign_slots")
     keep = _positions(slots, a_slots) >= 0 if len(slots) else np.zeros(len(a_slots), dtype=bool)
     out = pb.SlotUpdates(namespaces=records.namespaces)
     out.assign_slots = a_slots[keep].tobytes()
@@ -332,7 +324,7 @@ def _only(records: pb.SlotUpdates, slots: np.ndarray) -> pb.SlotUpdates:
         ("assign_keys", "u1", KEY_BYTES),
         ("assign_parents", "u1", KEY_BYTES),
     ):
-        table = packed(getattr(records, name), dtype, name)
+        table = unpack(getattr(records, name), dtype, name)
         if len(table) != len(a_slots) * width:
             raise KVStoreError(ErrorCode.INVALID_ARGUMENT, f"records: {name} has the wrong length")
         setattr(out, name, table.reshape(len(a_slots), width)[keep].tobytes())

@@ -14,20 +14,10 @@ from kvstore.node.data_server import DataStats
 from kvstore.node.inventory import KEY_BYTES, Inventory
 from kvstore.node.moves import Mover, Region
 from kvstore.node.state import NodeState
+from kvstore.packed import unpack
 from kvstore.tiers.base import Tier
 
 log = logging.getLogger("kvstore.node.service")
-
-
-def _packed(raw: bytes, dtype: str, what: str, width: int = 1) -> np.ndarray:
-    """Decode one packed table of SlotUpdates; INVALID_ARGUMENT if its length is not whole rows."""
-    row = np.dtype(dtype).itemsize * width
-    if len(raw) % row:
-        raise KVStoreError(
-            ErrorCode.INVALID_ARGUMENT, f"{what}: {len(raw)} bytes is not a whole number of rows"
-        )
-    table = np.frombuffer(raw, dtype=dtype)
-    return table.reshape(-1, width) if width > 1 else table
 
 
 def _same_length(what: str, *tables: np.ndarray) -> int:
@@ -66,10 +56,10 @@ class NodeService(pb_grpc.NodeServicer):
         self, request: pb.SlotUpdates, context: grpc.aio.ServicerContext
     ) -> pb.SlotUpdatesResponse:
         # Decode and validate the whole batch before touching anything, so a bad batch applies nothing.
-        a_slots = _packed(request.assign_slots, "<u8", "assign_slots")
-        a_gens = _packed(request.assign_generations, "<u4", "assign_generations")
-        a_sizes = _packed(request.assign_slot_bytes, "<u8", "assign_slot_bytes")
-        a_ns = _packed(request.assign_ns_index, "<u2", "assign_ns_index")
+        a_slots = unpack(request.assign_slots, "<u8", "assign_slots")
+        a_gens = unpack(request.assign_generations, "<u4", "assign_generations")
+        a_sizes = unpack(request.assign_slot_bytes, "<u8", "assign_slot_bytes")
+        a_ns = unpack(request.assign_ns_index, "<u2", "assign_ns_index")
         n_assign = _same_length("assignment", a_slots, a_gens, a_sizes, a_ns)
         if (
             len(request.assign_keys) != n_assign * KEY_BYTES
@@ -80,17 +70,17 @@ class NodeService(pb_grpc.NodeServicer):
             )
         if n_assign and int(a_ns.max()) >= len(request.namespaces):
             raise KVStoreError(ErrorCode.INVALID_ARGUMENT, "assign_ns_index points past the namespaces table")
-        c_slots = _packed(request.commit_slots, "<u8", "commit_slots")
-        c_layers = _packed(request.commit_layers, "<u2", "commit_layers")
-        c_heads = _packed(request.commit_heads, "<u2", "commit_heads", width=2)
-        c_sums = _packed(request.commit_checksums, "<u8", "commit_checksums")
+        c_slots = unpack(request.commit_slots, "<u8", "commit_slots")
+        c_layers = unpack(request.commit_layers, "<u2", "commit_layers")
+        c_heads = unpack(request.commit_heads, "<u2", "commit_heads", width=2)
+        c_sums = unpack(request.commit_checksums, "<u8", "commit_checksums")
         _same_length("layer commit", c_slots, c_layers, c_heads, c_sums)
         if np.any(c_heads[:, 0] >= c_heads[:, 1]):
             raise KVStoreError(
                 ErrorCode.INVALID_ARGUMENT, "commit head ranges must be non-empty (begin < end)"
             )
-        f_slots = _packed(request.free_slots, "<u8", "free_slots")
-        f_gens = _packed(request.free_generations, "<u4", "free_generations")
+        f_slots = unpack(request.free_slots, "<u8", "free_slots")
+        f_gens = unpack(request.free_generations, "<u4", "free_generations")
         _same_length("free", f_slots, f_gens)
         tier, inventory = self._region(request.tier)
         for what, slots in (("assignment", a_slots), ("commit", c_slots), ("free", f_slots)):
