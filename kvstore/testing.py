@@ -137,6 +137,22 @@ def wait_for(predicate: Callable[[], _T], timeout: float, what: str, interval: f
         delay = min(delay * 1.5, 0.1)
 
 
+def row_hashes(rows: np.ndarray) -> np.ndarray:
+    """XXH3_64 of each row of a 2-D uint8 array (what the store commits for a whole-range shard)."""
+    from kvstore import native
+
+    flat = np.ascontiguousarray(rows).reshape(len(rows), -1)
+    starts = np.arange(len(flat), dtype=np.uint64) * np.uint64(flat.shape[1]) + np.uint64(flat.ctypes.data)
+    return native.hash_ranges(np.stack([starts, np.full(len(flat), flat.shape[1], dtype=np.uint64)], axis=1))
+
+
+def committed_checksums(control_address: str, tier: str = "") -> set[int]:
+    """Every layer-commit checksum a node's region holds (its inventory)."""
+    with grpc.insecure_channel(control_address) as channel:
+        inventory = pb_grpc.NodeStub(channel).GetInventory(pb.InventoryRequest(tier=tier), timeout=5.0)
+    return set(np.frombuffer(inventory.slots.commit_checksums, dtype="<u8").tolist())
+
+
 def _flag_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"

@@ -17,6 +17,9 @@ decoder has every layer, beside one layer's transfer time; the writer's CommitLa
 and the decoder's stream updates and reads are traced (``runs[i].writer.commits``,
 ``runs[i].decoder.trace``).
 
+``--hash-only``: the GPU XXH3 kernel (the checksums of GPU writes) over 1 GiB of device
+memory in 4 KiB, 64 KiB and 1 MiB ranges.
+
 ``--vram-only``: a node with a VRAM region; put_layer / leased get_prefix GB/s through
 CUDA IPC (GPU tensor <-> the region) beside one 1 GiB device-to-device copy, then the
 VRAM -> DRAM demotion throughput (one sequence past the high watermark, time until the
@@ -123,8 +126,12 @@ def _sync(lib: str) -> None:
         cupy.cuda.runtime.deviceSynchronize()
 
 
-def writer(master: str, pages: int, layers: int, reps: int, lib: str, transport: str) -> dict[str, Any]:
+def writer(
+    master: str, pages: int, layers: int, reps: int, lib: str, transport: str, switch_ms: float = 0.0
+) -> dict[str, Any]:
     from kvstore.client import KVStoreClient
+
+    _switch_interval(switch_ms)
     from kvstore.config import load
 
     client = KVStoreClient(
@@ -358,8 +365,12 @@ def baselines(pool_path: str, incarnation: bytes, pages: int, seg: int, reps: in
     return out
 
 
-def reader(master: str, pages: int, layers: int, reps: int, lib: str, transport: str) -> dict[str, Any]:
+def reader(
+    master: str, pages: int, layers: int, reps: int, lib: str, transport: str, switch_ms: float = 0.0
+) -> dict[str, Any]:
     from kvstore.client import KVStoreClient
+
+    _switch_interval(switch_ms)
     from kvstore.config import load
 
     client = KVStoreClient(
@@ -781,6 +792,36 @@ def vram_bench(pages: int, layers: int, reps: int, lib: str, move_batch: int = 2
     return result
 
 
+def hash_bench(reps: int = 5) -> dict[str, Any]:
+    """The GPU XXH3 kernel over 1 GiB in device memory, for a few range sizes (GB/s, best of ``reps``)."""
+    import cupy
+
+    from kvstore.gpu.engine import engine_for
+
+    engine = engine_for(0)
+    data = cupy.random.randint(0, 255, 1 << 30, dtype=cupy.uint8)
+    out: dict[str, Any] = {}
+    for seg in (4 << 10, 64 << 10, 1 << 20):
+        n = (1 << 30) // seg
+        ranges = np.stack(
+            [
+                np.arange(n, dtype=np.uint64) * np.uint64(seg) + np.uint64(data.data.ptr),
+                np.full(n, seg, dtype=np.uint64),
+            ],
+            axis=1,
+        )
+        times = []
+        for _ in range(reps + 1):
+            t0 = time.perf_counter()
+            with engine:
+                engine.hash_ranges(ranges)
+                engine.sync()
+            times.append(time.perf_counter() - t0)
+        best = min(times[1:])
+        out[f"{seg >> 10}KiB"] = {"ranges": n, "ms": best * 1e3, "GBps": (1 << 30) / best / 1e9}
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--pages", type=int, default=16384)
@@ -791,6 +832,9 @@ def main() -> None:
     parser.add_argument("--dram", default="")
     parser.add_argument("--json", default="")
     parser.add_argument("--skip-baselines", action="store_true")
+    parser.add_argument(
+        "--switch-ms", type=float, default=0.0, help="sys.setswitchinterval in the writer and reader"
+    )
     parser.add_argument("--stream", action="store_true", help="also run the layer streaming bench")
     parser.add_argument("--stream-only", action="store_true", help="run the layer streaming bench alone")
     parser.add_argument(
@@ -803,11 +847,15 @@ def main() -> None:
         "--stream-switch-ms", type=float, default=0.0, help="sys.setswitchinterval in both stream processes"
     )
     parser.add_argument("--vram-only", action="store_true", help="run the VRAM tier bench alone")
+    parser.add_argument("--hash-only", action="store_true", help="run the GPU XXH3 kernel bench alone")
     parser.add_argument("--vram-reps", type=int, default=3)
     parser.add_argument(
         "--vram-move-batch", type=int, default=256, help="tier_move_batch of the demotion run"
     )
     args = parser.parse_args()
+    if args.hash_only:
+        _emit({"gpu": _gpu_name(), "xxh3_kernel": hash_bench()}, args.json)
+        return
     if args.vram_only:
         _emit(
             {
@@ -864,10 +912,24 @@ def main() -> None:
         setup.close()
         with process_pool(1) as wpool, process_pool(1) as rpool:
             result["writer"] = wpool.submit(
-                writer, cluster.master_address, args.pages, args.layers, args.reps, args.lib, args.transport
+                writer,
+                cluster.master_address,
+                args.pages,
+                args.layers,
+                args.reps,
+                args.lib,
+                args.transport,
+                args.switch_ms,
             ).result()
             result["reader"] = rpool.submit(
-                reader, cluster.master_address, args.pages, args.layers, args.reps, args.lib, args.transport
+                reader,
+                cluster.master_address,
+                args.pages,
+                args.layers,
+                args.reps,
+                args.lib,
+                args.transport,
+                args.switch_ms,
             ).result()
             if not args.skip_baselines:
                 pool_file = os.path.join(cluster.shm_dir, cluster.pool_files()[0])

@@ -21,6 +21,9 @@ import numpy as np
 THREADS = 512
 BLOCKS_PER_SM = 2  # measured on an H100 (bench/gpu/bench_gpu.py sweep): 512 x 2 is among the best both ways
 SPLIT_BYTES = 1 << 20  # ops longer than this are split, so that one long op never idles the grid
+# Ranges up to this long (on average) are hashed a warp per range, longer ones a block per range
+# (bench/gpu/bench_gpu.py --hash-only on an H100: a block per 4 KiB range ran at 152 GB/s).
+WARP_HASH_BYTES = 16 << 10
 
 _engines: dict[int, GpuEngine] = {}
 _lock = threading.Lock()
@@ -40,23 +43,6 @@ def engine_for(device: int) -> GpuEngine:
         engine = _engines.get(device)
         if engine is None:
             engine = _engines[device] = GpuEngine(device)
-        return engine
-
-
-_side_engines: dict[int, GpuEngine] = {}
-
-
-def side_engine_for(device: int) -> GpuEngine:
-    """A second engine of ``device`` (its own stream and lock) for work off the caller's path.
-
-    The checksum gather of a VRAM write (device to pinned host memory, ~20 ms per GiB) runs on
-    the client's hash thread; on the transfers' engine it would hold the engine's lock and
-    stream, and the next layer's put would queue behind it.  Here it overlaps that put.
-    """
-    with _lock:
-        engine = _side_engines.get(device)
-        if engine is None:
-            engine = _side_engines[device] = GpuEngine(device)
         return engine
 
 
@@ -86,12 +72,16 @@ class GpuEngine:
             module = cupy.RawModule(code=kernel_source(), options=("--std=c++17",))
             self._segments = module.get_function("kvs_copy_segments")
             self._rows = module.get_function("kvs_copy_rows")
+            self._xxh3 = module.get_function("kvs_xxh3_64")  # a block per range
+            self._xxh3_warp = module.get_function("kvs_xxh3_64_warp")  # a warp per range
             self.stream = cupy.cuda.Stream(non_blocking=True)
             sms = cupy.cuda.runtime.getDeviceProperties(device)["multiProcessorCount"]
         self._sms = int(sms)
         self.configure(THREADS, BLOCKS_PER_SM)
         self._lock = threading.Lock()  # one transfer at a time per device: the stream is shared
         self._keep: cupy.ndarray | None = None
+        self._keep_hash: tuple[cupy.ndarray, cupy.ndarray] | None = None
+        self._hash_pinned: np.ndarray | None = None
         # Benchmarks set ``timing``: every transfer then records the GPU time of its copies
         # (events around them), read back as ``last_copy_s`` after the sync.
         self.timing = False
@@ -139,6 +129,43 @@ class GpuEngine:
         """Queue one launch over (dst, src, row_bytes, rows, dst_pitch, src_pitch) rows."""
         self._launch(self._rows, table, 6)
 
+    def hash_ranges(self, ranges: np.ndarray) -> np.ndarray:
+        """Queue XXH3_64bits of every (device address, length) row (xxhash.h's value exactly).
+
+        In order on the stream: after what is queued so far, before what comes next.
+        Returns a pinned host array that holds the hashes after :meth:`sync` (reused by the
+        next call: copy it out).  Not beside the copies on a second stream: on an H100 any
+        kernel running beside a copy engine's transfer into registered (4 KiB-page) host
+        memory slowed that transfer by ~2.4 ms per GiB, more than the ~1.3 ms the kernel
+        takes by itself (bench/RESULTS.md, "GPU checksums").
+        """
+        table = np.asarray(ranges, dtype=np.uint64).reshape(-1, 2)
+        n = len(table)
+        if n == 0:
+            return np.empty(0, dtype=np.uint64)
+        host_ops, host_out = self._hash_buffers(n)
+        host_ops[:] = table
+        with cupy.cuda.Device(self.device), self.stream:
+            ops = cupy.empty((n, 2), dtype=cupy.uint64)
+            ops.set(host_ops, stream=self.stream)
+            out = cupy.empty(n, dtype=cupy.uint64)
+            if int(table[:, 1].mean()) <= WARP_HASH_BYTES:
+                kernel, grid = self._xxh3_warp, min(-(-n // 8), self._sms * 8)
+            else:
+                kernel, grid = self._xxh3, min(n, self._sms * 8)
+            kernel((grid,), (256,), (ops, np.int64(n), out), stream=self.stream)
+            out.get(stream=self.stream, out=host_out, blocking=False)
+        self._keep_hash = (ops, out)  # until the sync: the kernel and the copy-out use them
+        return host_out
+
+    def _hash_buffers(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """Pinned host memory for ``n`` hash ops and their results (grown on demand, kept)."""
+        if self._hash_pinned is None or len(self._hash_pinned) < 3 * n:
+            import cupyx
+
+            self._hash_pinned = cupyx.empty_pinned(max(3 * n, 3 << 14), dtype=np.uint64)
+        return self._hash_pinned[: 2 * n].reshape(n, 2), self._hash_pinned[2 * n : 3 * n]
+
     def copy_rects(self, rects: np.ndarray) -> None:
         """Queue one cudaMemcpy2DAsync per (dst, dst_pitch, src, src_pitch, width, height) row.
 
@@ -172,7 +199,7 @@ class GpuEngine:
             assert self._events is not None
             self._events[1].record(self.stream)
         self.stream.synchronize()
-        self._keep = None
+        self._keep = self._keep_hash = None
         if timed:
             assert self._events is not None
             self.last_copy_s = cupy.cuda.get_elapsed_time(*self._events) / 1000.0

@@ -6,9 +6,11 @@ batch pages sit in a few runs of consecutive slots moves by the copy engines:
 layer ``l`` of such a run is one strided region (width the shard's head run,
 pitch the slot size, height the run length), one cudaMemcpy2DAsync each, at the
 speed of one plain copy.  Everything else (fragmented slots, an engine's paged
-blocks) is one kernel launch over an op table.  Writes return their run hashes
-as a callable: the hash is computed on the host from the pool bytes after the
-copy, off the copy's timing (docs/decisions.md).
+blocks) is one kernel launch over an op table.  A canonical array's run hashes
+are computed on its GPU, from its own bytes, by one kernel beside the copies
+(:meth:`GpuEngine.hash_ranges`); an engine's paged blocks are not contiguous
+runs there, so their writes return the hashes as a callable that hashes the
+landed pool bytes on the host, off the copy's timing (docs/decisions.md).
 
 Other host (:func:`staged_write`, :func:`staged_read`): the GPU side is
 gathered into (or scattered from) a pinned staging buffer of the device by one
@@ -22,7 +24,6 @@ import collections
 import contextlib
 import dataclasses
 import threading
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -31,7 +32,7 @@ from kvstore import native
 from kvstore.errors import ErrorCode, KVStoreError
 from kvstore.gpu import arrays, hostreg, layouts
 from kvstore.gpu.engine import GpuEngine, engine_for
-from kvstore.transports.base import CopyPlan, NodeBatch
+from kvstore.transports.base import CopyPlan, NodeBatch, RunHashes
 
 if TYPE_CHECKING:
     from kvstore.transports.shm import ShmTransport
@@ -136,7 +137,7 @@ def _launch(
     gpu: GpuPlan = plan.device
     gpu.engine.wait_for(gpu.producer_stream)
     if gpu.canonical is not None:
-        rows = plan.offsets if len(batch) == plan.num_pages else plan.offsets[:, batch.pages]
+        rows = plan.rows(batch)
         if half_stride is None:  # staging: same offsets on both sides
             canon_side = rows[..., 1] + np.uint64(int(canon_addrs))
         else:
@@ -267,12 +268,41 @@ def _pool_device_data(transport: ShmTransport, device: int) -> int:
     return base + pool.header.data_offset
 
 
-def shm_write(
-    transport: ShmTransport, batch: NodeBatch, plan: CopyPlan, threads: int
-) -> Callable[[], np.ndarray]:
-    """Kernel from the GPU into the batch's slots; returns the deferred run hashes."""
+def run_hashes_on_device(plan: CopyPlan, batch: NodeBatch, slots_address: int | None) -> np.ndarray:
+    """XXH3 of the batch's runs, [layers, pages, runs], hashed on the GPU by one launch.
+
+    ``slots_address``: the runs are read where they landed (slots in device memory at that
+    address), after the copies queued so far; None: from the caller's canonical array (queue
+    it before the copies).  Call inside the engine's lock; the result holds the hashes after
+    the engine's sync and until its next hash (copy it out).
+    """
+    gpu: GpuPlan = plan.device
+    rows = plan.rows(batch)
+    ranges = np.empty((*rows.shape[:3], 2), dtype=np.uint64)
+    if slots_address is None:
+        assert gpu.canonical is not None
+        gpu.engine.wait_for(gpu.producer_stream)
+        ranges[..., 0] = rows[..., 1] + np.uint64(gpu.canonical.ptr)
+    else:
+        slots = np.uint64(slots_address) + batch.slot_offsets.astype(np.uint64)
+        ranges[..., 0] = rows[..., 0] + slots[None, :, None]
+    ranges[..., 1] = rows[..., 2]
+    return gpu.engine.hash_ranges(ranges.reshape(-1, 2)).reshape(rows.shape[:3])
+
+
+def shm_write(transport: ShmTransport, batch: NodeBatch, plan: CopyPlan, threads: int) -> RunHashes:
+    """Kernel or strided copies from the GPU into the batch's slots; returns the run hashes.
+
+    A canonical array's hashes come from its GPU (ready on return); paged blocks' are
+    deferred to the client's hash thread, which reads the landed pool bytes.
+    """
     gpu: GpuPlan = plan.device
     with gpu.engine:
+        if gpu.canonical is not None:
+            on_device = run_hashes_on_device(plan, batch, None)  # from HBM, ahead of the copies
+            _to_slots(plan, batch, _pool_device_data(transport, gpu.device), True)
+            gpu.engine.sync()
+            return on_device.copy()
         _to_slots(plan, batch, _pool_device_data(transport, gpu.device), True)
         gpu.engine.sync()
     data_address = transport.pool.data_address

@@ -97,7 +97,8 @@ class CopyPlan:
         )
         return table.reshape(len(self.layers), self.num_pages, self.runs_per_shard, 3)
 
-    def _rows(self, batch: NodeBatch) -> np.ndarray:
+    def rows(self, batch: NodeBatch) -> np.ndarray:
+        """:attr:`offsets` of ``batch``'s pages, [layers, len(batch), runs, 3]."""
         return self.offsets if len(batch) == self.num_pages else self.offsets[:, batch.pages]
 
     def table(self, batch: NodeBatch, slot_addrs: np.ndarray, to_slots: bool, buf_addr: int) -> np.ndarray:
@@ -105,7 +106,7 @@ class CopyPlan:
 
         ``slot_addrs`` are the batch pages' slot addresses, ``buf_addr`` the buffer's.
         """
-        rows = self._rows(batch)
+        rows = self.rows(batch)
         slot_side = rows[..., 0] + np.asarray(slot_addrs, dtype=np.uint64)[None, :, None]
         buf_side = rows[..., 1] + np.uint64(buf_addr)
         table = np.empty(rows.shape, dtype=np.uint64)
@@ -118,7 +119,7 @@ class CopyPlan:
 
         Rows are in table order (layer, page, run), flattened.
         """
-        rows = self._rows(batch)
+        rows = self.rows(batch)
         ops = np.empty(rows.shape, dtype=np.uint64)
         ops[..., 0] = batch.slot_offsets[None, :, None]
         ops[..., 1] = rows[..., 0]

@@ -11,9 +11,8 @@ straight between the caller's GPU memory and the region.
 - Reads re-check every slot's generation in the generation file after the copy
   has completed: a change is a miss from that page on.
 - Writes check the generations first (a lost session), and return their run
-  hashes as a callable (the GPU DRAM path's rule, docs/decisions.md): on the
-  client's hash thread, one kernel gathers the landed runs from the region into a
-  pinned buffer and the native engine hashes them there.
+  hashes, computed from the landed bytes in the region by one XXH3 kernel launch
+  queued after the copy (kvstore/gpu/engine.py).
 - Host buffers (a CPU reader or writer) are not moved here: they go to the
   node's TCP data server, which stages VRAM slots through pinned memory.
 
@@ -22,15 +21,10 @@ Imports CuPy only when a GPU transfer runs.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import threading
-from collections.abc import Callable
-from typing import Any
 
 import numpy as np
 
-from kvstore import native
 from kvstore._proto import kvstore_pb2 as pb
 from kvstore.errors import ErrorCode, KVStoreError
 from kvstore.tiers.vram import GenerationFile
@@ -47,20 +41,6 @@ log = logging.getLogger("kvstore.transports.cuda_ipc")
 
 # cudaIpcMemLazyEnablePeerAccess: a client on another GPU of the host reaches the region over peer access
 IPC_LAZY_PEER_ACCESS = 1
-
-_hash_staging: dict[int, Any] = {}  # client device -> kvstore.gpu.hostreg.StagingBuffer for write hashes
-_hash_staging_lock = threading.Lock()
-
-
-def _staging_for_hashes(device: int) -> Any:
-    """A pinned buffer per device for gathering landed VRAM runs to hash (not the TCP path's buffer)."""
-    from kvstore.gpu import hostreg
-
-    with _hash_staging_lock:
-        buf = _hash_staging.get(device)
-        if buf is None:
-            buf = _hash_staging[device] = hostreg.StagingBuffer(device)
-        return buf
 
 
 class CudaIpcTransport(MappedRegionTransport):
@@ -143,40 +123,10 @@ class CudaIpcTransport(MappedRegionTransport):
             return self._fallback.write(batch, plan)
         with gpu.engine:
             transfer._to_slots(plan, batch, region, True)
+            # the landed bytes, hashed where they are: one launch after the copy, on its stream
+            hashes = transfer.run_hashes_on_device(plan, batch, region)
             gpu.engine.sync()
-        return self._deferred_hashes(batch, plan, region)
-
-    def _deferred_hashes(self, batch: NodeBatch, plan: CopyPlan, region: int) -> Callable[[], np.ndarray]:
-        gpu = plan.device
-        hold = contextlib.ExitStack()
-        hold.enter_context(self.in_use())  # the mapping stays open until the hash has read it
-
-        def hashes() -> np.ndarray:
-            # Landed bytes, gathered from the region into pinned memory by one launch, hashed on the host.
-            from kvstore.gpu.engine import side_engine_for
-
-            try:
-                runs = plan.table(batch, np.uint64(region) + batch.slot_offsets, True, 0)
-                sources = runs[..., 0].reshape(-1)
-                lengths = runs[..., 2].reshape(-1)
-                within = np.cumsum(lengths) - lengths
-                staging = _staging_for_hashes(gpu.device)
-                with staging.lock:
-                    staging.view(max(int(lengths.sum()), 1))
-                    table = np.stack((np.uint64(staging.device_address) + within, sources, lengths), axis=1)
-                    # on the side engine: the next layer's put (on gpu.engine) does not wait for it
-                    engine = side_engine_for(gpu.device)
-                    with engine:
-                        engine.copy_segments(table)
-                        engine.sync()
-                    ranges = np.ascontiguousarray(
-                        np.stack((np.uint64(staging.address) + within, lengths), axis=1)
-                    )
-                    return native.hash_ranges(ranges, self._threads).reshape(runs.shape[:3])
-            finally:
-                hold.close()
-
-        return hashes
+            return hashes.copy()
 
     def read(self, batch: NodeBatch, plan: CopyPlan) -> int:
         if plan.device is None:

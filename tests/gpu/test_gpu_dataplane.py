@@ -14,7 +14,7 @@ from kvstore import native  # noqa: E402
 from kvstore.gpu import PagedKV, layouts  # noqa: E402
 from kvstore.gpu.engine import engine_for, split_long  # noqa: E402
 from kvstore.layout import Layout  # noqa: E402
-from kvstore.testing import prompt  # noqa: E402
+from kvstore.testing import committed_checksums, prompt, row_hashes, wait_for  # noqa: E402
 
 PAGE = 16
 
@@ -280,3 +280,76 @@ def test_registered_pool_copy_equals_native_copy(cluster, client, namespace):
         native.hash_ranges(np.array([[h1.layer(0).ctypes.data, h1.layer(0).nbytes]], dtype=np.uint64))[0]
         == native.hash_ranges(np.array([[h2.layer(0).ctypes.data, h2.layer(0).nbytes]], dtype=np.uint64))[0]
     )
+
+
+# XXH3's paths: 0-16, 17-128, 129-240 bytes, then whole 1 KiB blocks, partial blocks and the last stripe
+XXH3_LENGTHS = [
+    *range(262),
+    1023,
+    1024,
+    1025,
+    1087,
+    1088,
+    2047,
+    2048,
+    4096,
+    16397,
+    65536,
+    65537,
+    (1 << 20) + 5,
+]
+
+
+@pytest.mark.parametrize("shift", [0, 8, 1], ids=["aligned16", "aligned8", "unaligned"])
+def test_xxh3_kernel_equals_xxhash(shift):
+    lengths = np.array(XXH3_LENGTHS, dtype=np.uint64)
+    spans = (lengths + np.uint64(15)) // np.uint64(16) * np.uint64(16)
+    starts = np.cumsum(spans) - spans + np.uint64(shift)
+    host = np.random.default_rng(shift).integers(0, 256, int(spans.sum()) + 16, dtype=np.uint8)
+    dev = cupy.asarray(host)
+    engine = engine_for(0)
+    with engine:
+        got = engine.hash_ranges(np.stack([starts + np.uint64(dev.data.ptr), lengths], axis=1))
+        engine.sync()
+    want = native.hash_ranges(np.stack([starts + np.uint64(host.ctypes.data), lengths], axis=1))
+    assert np.array_equal(got, want), np.flatnonzero(got != want)[:10]
+
+
+def test_xxh3_sees_the_bytes_queued_before_it():
+    rng = np.random.default_rng(5)
+    size = 8 << 20
+    src = cupy.asarray(rng.integers(0, 256, size, dtype=np.uint8))
+    dst = cupy.zeros(size, dtype=cupy.uint8)
+    engine = engine_for(0)
+    lengths = np.full(128, size // 128, dtype=np.uint64)
+    offsets = np.cumsum(lengths) - lengths
+    with engine:
+        engine.copy_segments(
+            np.stack([offsets + np.uint64(dst.data.ptr), offsets + np.uint64(src.data.ptr), lengths], axis=1)
+        )
+        got = engine.hash_ranges(np.stack([offsets + np.uint64(dst.data.ptr), lengths], axis=1))
+        engine.sync()
+    host = cupy.asnumpy(src)
+    want = native.hash_ranges(np.stack([offsets + np.uint64(host.ctypes.data), lengths], axis=1))
+    assert np.array_equal(got, want)
+
+
+def test_gpu_put_commits_the_checksums_of_its_bytes(cluster, client, namespace):
+    """The GPU-side hashes of a shm put are the host's XXH3 of the same bytes (whole range and a head range)."""
+    from kvstore.layout import shard_checksums
+
+    writer = client(cluster, namespace, transport="shm")
+    layout = _namespace(writer)
+    rng = np.random.default_rng(8)
+    whole_tokens, tp_tokens = prompt(81, 6 * PAGE), prompt(82, 5 * PAGE)
+    whole = rng.integers(0, 256, (6, layout.segment_bytes), dtype=np.uint8)
+    assert writer.put_layer(whole_tokens, 0, cupy.asarray(whole)) == 6
+    heads = (2, 4)  # rank 1 of 2: one run in the K half and one in the V half
+    shard = rng.integers(0, 256, (5, layout.shard_bytes(heads)), dtype=np.uint8)
+    assert writer.put_layer(tp_tokens, 0, cupy.asarray(shard), tp_rank=1, tp_size=2) == 5
+    writer.flush()
+    half = shard.shape[1] // 2
+    run_hashes = row_hashes(np.stack([shard[:, :half], shard[:, half:]], axis=1).reshape(-1, half))
+    expected = set(row_hashes(whole).tolist()) | set(shard_checksums(run_hashes, 2).tolist())
+    address = cluster.nodes[0].control_address
+    wait_for(lambda: expected <= committed_checksums(address), 5.0, "the GPU put's checksums on the node")

@@ -137,7 +137,7 @@ def test_gpu_put_lands_in_vram_and_reads_back_over_ipc_and_tcp(
 ) -> None:
     import cupy
 
-    from kvstore.testing import get_layers, get_layers_gpu, prompt
+    from kvstore.testing import committed_checksums, get_layers, get_layers_gpu, prompt, row_hashes
 
     cluster = make_cluster(vram="64MiB:0")
     node_id = cluster.nodes[0].node_id
@@ -149,6 +149,9 @@ def test_gpu_put_lands_in_vram_and_reads_back_over_ipc_and_tcp(
     assert usage["vram"].pages == 9 and usage["vram"].allocated_bytes == 9 * layout.slot_bytes
     assert usage["dram"].allocated_bytes == 0
     assert _ipc_opened(writer) == [node_id]  # written device to device
+    # the checksums committed for it (hashed on the GPU, in VRAM) are the host's XXH3 of the same bytes
+    committed = committed_checksums(cluster.nodes[0].control_address, "vram")
+    assert set(row_hashes(host.reshape(-1, layout.segment_bytes)).tolist()) <= committed
 
     # a same-host GPU reader in another process: CUDA IPC, identical bytes
     pages, got, opened = workers.run("gpu-reader", get_layers_gpu, cluster.master_address, namespace, tokens)
