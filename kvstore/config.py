@@ -200,6 +200,14 @@ SETTINGS: tuple[Setting, ...] = (
         "how long a control call keeps retrying while the leading master changes before it fails UNAVAILABLE",
     ),
     Setting(
+        "control_stream",
+        _parse_bool,
+        True,
+        (CLIENT,),
+        "send the hot control calls (OpenPut, CommitLayer, AcquirePrefix, ReleaseLease...) over one "
+        "multiplexed gRPC stream per master instead of unary calls",
+    ),
+    Setting(
         "put_lease_ms",
         int,
         0,

@@ -100,8 +100,17 @@ class KVStoreError(Exception):
 
 def from_rpc_error(err: grpc.RpcError) -> KVStoreError:
     """Rebuild a :class:`KVStoreError` from a failed call."""
-    code_name = leader = retry = ""
     trailing = err.trailing_metadata() if hasattr(err, "trailing_metadata") else None
+    details = err.details() if hasattr(err, "details") else str(err)
+    status = err.code() if hasattr(err, "code") else None
+    return from_status(status, details, trailing, fallback=str(err))
+
+
+def from_status(
+    status: grpc.StatusCode | None, details: str | None, trailing: Any, fallback: str = ""
+) -> KVStoreError:
+    """The :class:`KVStoreError` a call ending with this status, details and trailing metadata means."""
+    code_name = leader = retry = ""
     for key, raw in trailing or ():
         value = raw if isinstance(raw, str) else raw.decode(errors="replace")
         if key == ERROR_METADATA_KEY:
@@ -110,13 +119,11 @@ def from_rpc_error(err: grpc.RpcError) -> KVStoreError:
             leader = value
         elif key == RETRY_METADATA_KEY:
             retry = value
-    details = err.details() if hasattr(err, "details") else str(err)
     if code_name in ErrorCode.__members__:
         code = ErrorCode[code_name]
         prefix = f"{code_name}: "
         message = details[len(prefix) :] if details and details.startswith(prefix) else (details or "")
         return KVStoreError(code, message, leader=leader, retry_after_ms=int(retry) if retry.isdigit() else 0)
-    status = err.code() if hasattr(err, "code") else None
     if status == grpc.StatusCode.DEADLINE_EXCEEDED:
         return KVStoreError(ErrorCode.DEADLINE, details or "")
     if status == grpc.StatusCode.UNAVAILABLE:
@@ -124,7 +131,23 @@ def from_rpc_error(err: grpc.RpcError) -> KVStoreError:
     for code in ErrorCode:
         if code.status == status:
             return KVStoreError(code, details or "")
-    return KVStoreError(ErrorCode.INTERNAL, details or str(err))
+    return KVStoreError(ErrorCode.INTERNAL, details or fallback)
+
+
+def from_fields(code_name: str, message: str, leader: str = "", retry_after_ms: int = 0) -> KVStoreError:
+    """The error a Call stream answer carries (``CallResponse``): the same one the unary call would raise."""
+    code = ErrorCode.__members__.get(code_name, ErrorCode.INTERNAL)
+    if code.name != code_name:  # a newer server's code: keep its name in the text
+        message = f"{code_name}: {message}"
+    return KVStoreError(code, message, leader=leader, retry_after_ms=retry_after_ms)
+
+
+def unexpected_error(exc: BaseException, where: str) -> KVStoreError:
+    """What a request that failed with anything but a KVStoreError answers: INTERNAL (a bug, logged)."""
+    import logging
+
+    logging.getLogger("kvstore.rpc").error("unhandled error in %s", where, exc_info=exc)
+    return KVStoreError(ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
 
 
 _Handler = TypeVar("_Handler", bound=Callable[..., Awaitable[Any]])

@@ -23,6 +23,7 @@ import os
 import secrets
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import grpc
@@ -47,6 +48,13 @@ class _StandInNode(pb_grpc.NodeServicer):
         self.batches += 1
         applied = (len(request.assign_slots) + len(request.commit_slots) + len(request.free_slots)) // 8
         return pb.SlotUpdatesResponse(applied=applied)
+
+    def SlotUpdateStream(  # noqa: N802
+        self, requests: Iterator[pb.SlotUpdates], context: Any
+    ) -> Iterator[pb.SlotUpdatesResponse]:
+        # the master's stream of batches (it holds one of the server's threads while open)
+        for request in requests:
+            yield self.ApplySlotUpdates(request, context)
 
     def GetInventory(self, request: pb.InventoryRequest, context: Any) -> pb.InventoryResponse:  # noqa: N802
         return pb.InventoryResponse(slots=pb.SlotUpdates())

@@ -163,6 +163,7 @@ class KVStoreClient:
             etcd=cfg.etcd,
             cluster=cfg.cluster,
             failover_wait_s=cfg.failover_wait_ms / 1000.0,
+            stream=cfg.control_stream,
         )
 
     # ------------------------------------------------------------ lifetime

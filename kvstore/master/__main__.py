@@ -41,7 +41,7 @@ async def serve(cfg: config.Config) -> None:
     metadata = create_backend(cfg.etcd, cluster=cfg.cluster, leader_ttl_s=leader_ttl_s(cfg))
     role = MasterRole(cfg, metadata)
     server = grpc.aio.server(options=server_options(cfg.max_message_bytes))
-    add_servicers(server, role)
+    kvstore_servicer = add_servicers(server, role)
     metrics: asyncio.Server | None = None
     try:
         port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
@@ -60,6 +60,7 @@ async def serve(cfg: config.Config) -> None:
         await stop.wait()
         log.info("stopping")
     finally:
+        kvstore_servicer.end_streams()  # clients keep their Call streams open: end them first
         await server.stop(GRACE_S)
         if metrics is not None:
             metrics.close()

@@ -6,6 +6,13 @@ dead when it has not heartbeated for ``node_ttl_s``, or when slot updates to it
 have failed for that long.  The master then drops every page it held.  A
 known node id registering with a new incarnation replaces the old one (whose
 pool file is gone with its process).
+
+Slot updates go to a node over one long-lived ``Node.SlotUpdateStream`` per node
+process (a round trip on an open stream costs about half a unary call, and
+OpenPut waits for one): one batch at a time, answered in order, a rejected
+batch answered in band.  A stream that fails or times out is cancelled and the
+next batch opens another; a node without the stream (an older one) gets unary
+``ApplySlotUpdates`` calls.
 """
 
 from __future__ import annotations
@@ -16,13 +23,14 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 import numpy as np
 
 from kvstore._proto import kvstore_pb2 as pb
 from kvstore._proto import kvstore_pb2_grpc as pb_grpc
-from kvstore.errors import ErrorCode, KVStoreError
+from kvstore.errors import ErrorCode, KVStoreError, from_rpc_error
 from kvstore.master.allocator import RegionAllocator
 
 log = logging.getLogger("kvstore.master.nodes")
@@ -68,6 +76,11 @@ class NodeRecord:
     stub: pb_grpc.NodeStub | None = field(default=None, repr=False)
     # vram: the region as the node registered it (IPC handle, device, generation file)
     info: pb.RegionInfo | None = field(default=None, repr=False)
+    # Slot updates travel over one Node.SlotUpdateStream per node process (on the primary), opened
+    # lazily and replaced after any failure; a batch holds the lock from its write to its answer.
+    updates_call: Any = field(default=None, repr=False)  # grpc.aio.StreamStreamCall
+    updates_lock: asyncio.Lock | None = field(default=None, repr=False)
+    updates_unary: bool = False  # the node has no SlotUpdateStream (an older one): unary calls
 
     @property
     def ref(self) -> pb.NodeRef:
@@ -176,6 +189,7 @@ class NodeRegistry:
         self.departed[record.node_id] = record
         self._free_indices.append(record.index)
         channel, record.channel, record.stub = record.channel, None, None
+        _cancel_stream(record)
         if channel is not None:
             # closing awaits in-flight calls: do it off the caller's path
             # (no running loop: tests driving the master synchronously; the channel is just dropped)
@@ -212,12 +226,85 @@ class NodeRegistry:
         return record.stub
 
     async def send_updates(self, index: int, updates: pb.SlotUpdates) -> None:
+        """Have the node apply one batch; raises :class:`KVStoreError` if it was not applied.
+
+        A rejection by the node raises its error (code, message); an unreachable
+        node, a broken stream or no answer within the RPC timeout raises
+        UNAVAILABLE or DEADLINE (the node may or may not have applied it).
+        """
         record = self.by_index.get(index)
         if record is None:
             return  # gone: its slots went with it
         if record.primary is not None:
             updates.tier = record.tier
-        await self.stub(record).ApplySlotUpdates(updates, timeout=self.rpc_timeout_s)
+        node = record.primary or record  # one stream per node process, whatever the region
+        if not node.updates_unary:
+            if node.updates_lock is None:
+                node.updates_lock = asyncio.Lock()
+            # Regions of one node have queues of their own in the notifier, so two batches may be
+            # sent at once here: answers come in order, and a batch owns the stream until its answer.
+            async with node.updates_lock:
+                if not node.updates_unary and await self._send_streamed(node, updates):
+                    return
+        try:
+            await self.stub(record).ApplySlotUpdates(updates, timeout=self.rpc_timeout_s)
+        except grpc.aio.AioRpcError as err:
+            raise from_rpc_error(err) from err
+
+    async def _send_streamed(self, node: NodeRecord, updates: pb.SlotUpdates) -> bool:
+        """One batch over the node's stream; False if the node does not serve the stream."""
+        call = node.updates_call
+        if call is None or call.done():
+            call = node.updates_call = self.stub(node).SlotUpdateStream()
+        try:
+            # asyncio.timeout, not wait_for: no task per batch on the put's critical path
+            async with asyncio.timeout(self.rpc_timeout_s):
+                await call.write(updates)
+                response = await call.read()
+        except BaseException as exc:
+            # Whatever happened (timeout, cancellation, transport), this batch's answer may still be
+            # on its way: the stream's order is lost.  The next batch opens a new stream.
+            _cancel_stream(node, call)
+            if isinstance(exc, asyncio.CancelledError):
+                task = asyncio.current_task()
+                if task is None or task.cancelling():
+                    raise  # this sender is being cancelled
+                # the call was cancelled under us (the node was removed, the registry closed)
+                raise KVStoreError(
+                    ErrorCode.UNAVAILABLE, f"slot update stream to node {node.node_id} was closed"
+                ) from exc
+            if isinstance(exc, grpc.aio.AioRpcError):
+                if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
+                    # nothing was applied: an older node; it gets unary calls from now on
+                    log.info("node %s has no SlotUpdateStream: unary slot updates", node.node_id)
+                    node.updates_unary = True
+                    return False
+                # The node answers its own errors in band: a failed stream is the transport's failure
+                # (a dead peer shows as INTERNAL "from Core" on write, CANCELLED if the node stopped).
+                raise KVStoreError(
+                    ErrorCode.DEADLINE
+                    if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+                    else ErrorCode.UNAVAILABLE,
+                    f"slot update stream to node {node.node_id} failed: {exc.code().name} {exc.details()}",
+                ) from exc
+            if isinstance(exc, TimeoutError):
+                raise KVStoreError(
+                    ErrorCode.DEADLINE,
+                    f"node {node.node_id} did not answer slot updates within {self.rpc_timeout_s:g} s",
+                ) from exc
+            if isinstance(exc, asyncio.InvalidStateError):  # the call ended under us
+                raise KVStoreError(
+                    ErrorCode.UNAVAILABLE, f"slot update stream to node {node.node_id} ended: {exc}"
+                ) from exc
+            raise
+        if response is grpc.aio.EOF:
+            _cancel_stream(node, call)
+            raise KVStoreError(ErrorCode.UNAVAILABLE, f"node {node.node_id} ended the slot update stream")
+        if response.error_code:
+            # the node rejected the batch (and applied nothing of it); the stream stays open
+            code = ErrorCode.__members__.get(response.error_code, ErrorCode.INTERNAL)
+            raise KVStoreError(code, response.error_message)
+        return True
 
     async def inventory(self, record: NodeRecord) -> pb.InventoryResponse:
         request = pb.InventoryRequest(tier=record.tier if record.primary is not None else "")
@@ -225,6 +312,15 @@ class NodeRegistry:
 
     async def close(self) -> None:
         for record in list(self.by_index.values()):
+            _cancel_stream(record)
             if record.channel is not None:
                 await record.channel.close()
                 record.channel, record.stub = None, None
+
+
+def _cancel_stream(record: NodeRecord, call: Any = None) -> None:
+    """Cancel and forget ``record``'s slot update stream (only if it is still ``call``, when given)."""
+    if record.updates_call is None or (call is not None and record.updates_call is not call):
+        return
+    record.updates_call.cancel()
+    record.updates_call = None

@@ -5,18 +5,26 @@ gets its documented status and the service keeps serving everyone else.  The
 servicers ask the :class:`kvstore.master.role.MasterRole` for the leading Master
 on every call: a standby answers KVStore and NodeRegistry calls with NOT_LEADER
 naming the leader, and Admin ListNodes / GetConfig on any master.
+
+``KVStore.Call`` carries the hot unary calls of a client (:data:`STREAMED`)
+over one bidirectional stream: each request runs as a task of its own through
+the unary handler's own body, and is answered once under its id, with the
+error fields a unary call would carry in its status and trailing metadata.
 """
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any, NoReturn
 
 import grpc
 
 from kvstore._proto import kvstore_pb2 as pb
 from kvstore._proto import kvstore_pb2_grpc as pb_grpc
-from kvstore.errors import ErrorCode, KVStoreError, grpc_errors
+from kvstore.errors import ErrorCode, KVStoreError, from_status, grpc_errors, unexpected_error
 from kvstore.keys import KEY_BYTES
 from kvstore.master.core import Master
 from kvstore.master.role import MasterRole
@@ -27,6 +35,20 @@ log = logging.getLogger("kvstore.master")
 MAX_NAME_BYTES = 256
 MAX_EXTRA_NAME = 256
 MAX_LEASE_ID = 64
+# Requests of one Call stream running at once; past it the stream is read no further (gRPC flow
+# control holds the client back), so one client cannot pile up unbounded work on the master.
+MAX_STREAM_IN_FLIGHT = 256
+# The unary KVStore calls a client may send over the Call stream.  Their handlers use nothing of
+# their context but what _CallContext gives (none uses it today); the client routes the same set.
+STREAMED = (
+    "OpenPut",
+    "CommitLayer",
+    "AbortPut",
+    "MatchPrefix",
+    "AcquirePrefix",
+    "DescribeLease",
+    "ReleaseLease",
+)
 
 
 def _keys(packed: bytes, limit: int, allow_empty: bool = True) -> bytes:
@@ -64,6 +86,20 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
     def __init__(self, role: MasterRole) -> None:
         self.role = role
         self.max_pages = role.cfg.max_request_pages
+        self.max_message_bytes = role.cfg.max_message_bytes - 64  # room for CallResponse's own fields
+        self._receiving: set[asyncio.Task[None]] = set()  # each open Call stream's request reader
+        self._ending = False
+
+    def end_streams(self) -> None:
+        """The server stops: every Call stream reads no more requests, answers those in flight and ends.
+
+        A stream lasts as long as its client, so without this ``server.stop(grace)``
+        would wait out the whole grace for them before the master resigns.  Their
+        clients see the stream end and retry the requests it did not read elsewhere.
+        """
+        self._ending = True
+        for receiving in list(self._receiving):
+            receiving.cancel()
 
     @grpc_errors
     async def CreateNamespace(
@@ -244,6 +280,146 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
         namespace, digest, name = self._extra_key(request.namespace, request.sequence_digest, request.name)
         return pb.GetExtraResponse(data=await master.get_extra(namespace, digest, name))
 
+    # -- the Call stream
+    async def Call(
+        self, request_iterator: AsyncIterator[pb.CallRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.CallResponse]:
+        """Run each request of the stream as a task of its own; answer each once, in completion order."""
+        answers: asyncio.Queue[pb.CallResponse | None] = asyncio.Queue()
+        room = asyncio.Semaphore(MAX_STREAM_IN_FLIGHT)
+        tasks: set[asyncio.Task[None]] = set()
+
+        async def run(call: pb.CallRequest) -> None:
+            try:
+                answers.put_nowait(await self._answer(call, context))
+            finally:
+                room.release()
+
+        async def receive() -> None:
+            async for call in request_iterator:
+                await room.acquire()
+                task = asyncio.create_task(run(call))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+
+        async def read() -> None:
+            receiving = asyncio.create_task(receive())
+            self._receiving.add(receiving)
+            try:
+                try:
+                    await receiving
+                except asyncio.CancelledError:
+                    if not self._ending:
+                        raise
+                # the client is done sending, or the server stops: answer what is in flight, then end
+                while tasks:
+                    await asyncio.wait(set(tasks))
+            finally:
+                self._receiving.discard(receiving)
+                receiving.cancel()
+                answers.put_nowait(None)
+
+        reader = asyncio.create_task(read())
+        try:
+            while (answer := await answers.get()) is not None:
+                yield answer
+            await reader  # a broken request stream ends this one with its error
+        finally:
+            # the client went away (or cancelled): nobody waits for these answers any more
+            reader.cancel()
+            for task in list(tasks):
+                task.cancel()
+
+    async def _answer(self, call: pb.CallRequest, context: grpc.aio.ServicerContext) -> pb.CallResponse:
+        """One request of a Call stream, answered as its unary RPC would be (status -> error fields)."""
+        try:
+            entry = _DISPATCH.get(call.method)
+            if entry is None:
+                raise KVStoreError(ErrorCode.INVALID_ARGUMENT, f"{call.method!r} cannot be called over Call")
+            request_type, handler = entry
+            try:
+                request = request_type.FromString(call.request)
+            except Exception as exc:  # noqa: BLE001 - a malformed message is the caller's error
+                raise KVStoreError(
+                    ErrorCode.INVALID_ARGUMENT, f"{call.method} request does not parse: {exc}"
+                ) from None
+            if not call.timeout_ms:
+                response = await handler(self, request, _CallContext(context))
+            else:
+                # as a unary deadline would: the handler is cancelled and the call fails with DEADLINE
+                try:
+                    async with asyncio.timeout(call.timeout_ms / 1000.0):
+                        response = await handler(self, request, _CallContext(context))
+                except TimeoutError:
+                    raise KVStoreError(ErrorCode.DEADLINE, "Deadline Exceeded") from None
+            data = response.SerializeToString()
+            if len(data) > self.max_message_bytes:  # would break the whole stream: fail this call only
+                raise KVStoreError(
+                    ErrorCode.TOO_LARGE,
+                    f"{call.method} answer of {len(data)} bytes exceeds max_message_bytes",
+                )
+            return pb.CallResponse(id=call.id, response=data)
+        except KVStoreError as exc:
+            return _error_answer(call.id, exc)
+        except Exception as exc:  # noqa: BLE001 - the boundary of a request: only this call fails
+            return _error_answer(call.id, unexpected_error(exc, f"{call.method} (Call stream)"))
+
+
+def _error_answer(call_id: int, exc: KVStoreError) -> pb.CallResponse:
+    """What grpc_errors puts in a unary call's status and trailing metadata, as CallResponse fields."""
+    return pb.CallResponse(
+        id=call_id,
+        error_code=exc.code.name,
+        error_message=exc.message,
+        leader=exc.leader,
+        retry_after_ms=max(0, int(exc.retry_after_ms)),
+    )
+
+
+class _CallContext:
+    """The servicer context a handler gets for one request of a Call stream.
+
+    Peer and metadata are the stream's; ``abort`` fails this request only (a
+    KVStoreError carrying what the unary call's status would have said), never
+    the stream.
+    """
+
+    __slots__ = ("_stream", "_trailing")
+
+    def __init__(self, stream: grpc.aio.ServicerContext) -> None:
+        self._stream = stream
+        self._trailing: Sequence[tuple[str, Any]] = ()
+
+    def peer(self) -> str:
+        return str(self._stream.peer())
+
+    def invocation_metadata(self) -> Any:
+        return self._stream.invocation_metadata()
+
+    def set_trailing_metadata(self, trailing_metadata: Sequence[tuple[str, Any]]) -> None:
+        self._trailing = tuple(trailing_metadata)
+
+    async def abort(
+        self, code: grpc.StatusCode, details: str = "", trailing_metadata: Sequence[tuple[str, Any]] = ()
+    ) -> NoReturn:
+        raise from_status(code, details, tuple(trailing_metadata) or self._trailing)
+
+
+_Body = Callable[[KVStoreServicer, Any, Any], Awaitable[Any]]
+
+
+def _dispatch() -> dict[str, tuple[Any, _Body]]:
+    """name -> (request type, the unary handler's body without its grpc_errors wrapper)."""
+    methods = pb.DESCRIPTOR.services_by_name["KVStore"].methods_by_name
+    table: dict[str, tuple[Any, _Body]] = {}
+    for name in STREAMED:
+        body = inspect.unwrap(getattr(KVStoreServicer, name))
+        table[name] = (getattr(pb, methods[name].input_type.name), body)
+    return table
+
+
+_DISPATCH = _dispatch()
+
 
 class NodeRegistryServicer(pb_grpc.NodeRegistryServicer):
     def __init__(self, role: MasterRole) -> None:
@@ -309,13 +485,20 @@ class AdminServicer(pb_grpc.AdminServicer):
         return pb.GetConfigResponse(toml=self.role.cfg.to_toml())
 
 
-def add_servicers(server: grpc.aio.Server, role: MasterRole | Master) -> None:
-    """Serve ``role`` (or always one already started Master) on ``server``."""
+def add_servicers(server: grpc.aio.Server, role: MasterRole | Master) -> KVStoreServicer:
+    """Serve ``role`` (or always one already started Master) on ``server``.
+
+    Returns the KVStore servicer: call its :meth:`~KVStoreServicer.end_streams` before
+    ``server.stop(grace)``, or the grace period is spent waiting for clients' Call streams,
+    which last as long as the clients.
+    """
     if isinstance(role, Master):
         role = MasterRole.fixed(role)
-    pb_grpc.add_KVStoreServicer_to_server(KVStoreServicer(role), server)
+    kvstore = KVStoreServicer(role)
+    pb_grpc.add_KVStoreServicer_to_server(kvstore, server)
     pb_grpc.add_NodeRegistryServicer_to_server(NodeRegistryServicer(role), server)
     pb_grpc.add_AdminServicer_to_server(AdminServicer(role), server)
+    return kvstore
 
 
 def server_options(max_message_bytes: int) -> list[tuple[str, int]]:

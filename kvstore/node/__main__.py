@@ -167,12 +167,13 @@ async def run_node(cfg: config.Config) -> None:
                 ("grpc.so_reuseport", 0),
             ]
         )
-        pb_grpc.add_NodeServicer_to_server(
-            NodeService(state, pool, inventory, data_server.stats, mover), server
-        )
+        service = NodeService(state, pool, inventory, data_server.stats, mover)
+        pb_grpc.add_NodeServicer_to_server(service, server)
         control_port = server.add_insecure_port(join_host_port(cfg.host, cfg.node_port))
         await server.start()
         cleanup.push_async_callback(server.stop, SHUTDOWN_GRACE_S)
+        # runs before the stop: the master's slot-update stream would hold the whole grace period
+        cleanup.push_async_callback(service.close)
         data_server.start()
         cleanup.push_async_callback(asyncio.to_thread, data_server.stop)
 

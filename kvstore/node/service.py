@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
 import numpy as np
@@ -46,6 +50,8 @@ class NodeService(pb_grpc.NodeServicer):
         self._data_stats = data_stats
         # tiers: every region of the node by tier name ("dram" is the pool above)
         self._mover = mover or Mover(state, {tier.tier: Region(tier, inventory)})
+        # handler tasks of the open SlotUpdateStream calls (close() ends them)
+        self._streams: dict[asyncio.Task[Any], grpc.aio.ServicerContext] = {}
 
     def _region(self, tier: str) -> tuple[Tier, Inventory]:
         region = self._mover.region(tier)
@@ -55,6 +61,50 @@ class NodeService(pb_grpc.NodeServicer):
     async def ApplySlotUpdates(
         self, request: pb.SlotUpdates, context: grpc.aio.ServicerContext
     ) -> pb.SlotUpdatesResponse:
+        return self._apply_slot_updates(request)
+
+    async def SlotUpdateStream(
+        self, requests: AsyncIterator[pb.SlotUpdates], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.SlotUpdatesResponse]:
+        """ApplySlotUpdates over one long-lived stream: each batch applied and answered in order.
+
+        A rejected batch is answered in band (error_code, error_message: what the
+        unary call's status and ``kvstore-error`` metadata would say), so the
+        stream stays open for the next one.
+        """
+        task = asyncio.current_task()
+        assert task is not None
+        self._streams[task] = context
+        try:
+            async for request in requests:
+                try:
+                    response = self._apply_slot_updates(request)
+                except KVStoreError as exc:
+                    response = pb.SlotUpdatesResponse(error_code=exc.code.name, error_message=exc.message)
+                except Exception as exc:  # noqa: BLE001 - a bug: answered as grpc_errors answers it
+                    log.exception("unhandled error in SlotUpdateStream")
+                    response = pb.SlotUpdatesResponse(
+                        error_code=ErrorCode.INTERNAL.name, error_message=f"{type(exc).__name__}: {exc}"
+                    )
+                yield response
+        finally:
+            self._streams.pop(task, None)
+
+    async def close(self) -> None:
+        """End the open slot update streams (UNAVAILABLE to the master, which reopens one when it next sends).
+
+        Call before the gRPC server's graceful stop: a master's stream never ends
+        by itself, and the stop would otherwise wait out its whole grace period.
+        """
+        for task, context in list(self._streams.items()):
+            # abort from here sends the status (ending the call for both sides); the cancel ends the
+            # handler, which otherwise keeps waiting for a next batch
+            with contextlib.suppress(Exception):  # AbortError, always; UsageError if it just ended
+                await context.abort(grpc.StatusCode.UNAVAILABLE, "UNAVAILABLE: the node is stopping")
+            task.cancel()
+
+    def _apply_slot_updates(self, request: pb.SlotUpdates) -> pb.SlotUpdatesResponse:
+        """Apply one batch (ApplySlotUpdates and SlotUpdateStream); raises KVStoreError, applying nothing."""
         # Decode and validate the whole batch before touching anything, so a bad batch applies nothing.
         a_slots = unpack(request.assign_slots, "<u8", "assign_slots")
         a_gens = unpack(request.assign_generations, "<u4", "assign_generations")
