@@ -73,7 +73,7 @@ class _CommitChunk:
 
 
 _CHUNK_FIELDS = ("rows", "epochs", "layers", "begins", "ends", "checksums")
-SWEEP_MIN_ENTRIES = 65_536  # log entries examined per update at least (more when the update adds more)
+MERGE_ENTRIES = 16_384  # a commit joins the log's last chunk while that is smaller than this
 
 
 class Inventory:
@@ -338,16 +338,24 @@ class Inventory:
         applied = int(np.count_nonzero(known))
         if applied:
             rows = rows[known].astype(np.int64)
-            self._log.append(
-                _CommitChunk(
-                    rows.astype(np.int32),
-                    self._epoch[rows].copy(),
-                    np.asarray(layers, dtype=np.uint16)[known],
-                    np.asarray(head_begin, dtype=np.uint16)[known],
-                    np.asarray(head_end, dtype=np.uint16)[known],
-                    np.asarray(checksums, dtype=np.uint64)[known],
-                )
+            chunk = _CommitChunk(
+                rows.astype(np.int32),
+                self._epoch[rows].copy(),
+                np.asarray(layers, dtype=np.uint16)[known],
+                np.asarray(head_begin, dtype=np.uint16)[known],
+                np.asarray(head_end, dtype=np.uint16)[known],
+                np.asarray(checksums, dtype=np.uint64)[known],
             )
+            if self._log and len(self._log[-1]) < MERGE_ENTRIES:
+                # a layer of a small request is a few hundred entries: as chunks of their own the
+                # log's per-chunk work (its sweep, a snapshot) would grow with every commit
+                last = self._log[-1]
+                chunk = _CommitChunk(
+                    *(np.concatenate((getattr(last, f), getattr(chunk, f))) for f in _CHUNK_FIELDS)
+                )
+                self._log[-1] = chunk
+            else:
+                self._log.append(chunk)
         self._sweep(applied)
         return applied
 
@@ -372,9 +380,11 @@ class Inventory:
         """Drop log entries that no longer count, a bounded number of chunks per update.
 
         Looks at no fewer entries than twice what the update added, so the
-        sweep goes round the whole log while it at most doubles.
+        sweep goes round the whole log while it at most doubles; at least one
+        chunk, and chunks are at least MERGE_ENTRIES long as they are made, so a
+        small update costs one chunk's pass.
         """
-        budget = max(SWEEP_MIN_ENTRIES, 2 * work)
+        budget = 2 * work
         log = self._log
         seen = 0
         i = self._sweep_at if self._sweep_at < len(log) else 0
