@@ -1,16 +1,17 @@
 """GPU transfers for the transports (imports CuPy; loaded only when a GPU array is passed).
 
 Same host, DRAM tier (:func:`shm_write`, :func:`shm_read`): the client's
-mapping of the node's pool is host-registered once.  A canonical array whose
-batch pages sit in a few runs of consecutive slots moves by the copy engines:
-layer ``l`` of such a run is one strided region (width the shard's head run,
-pitch the slot size, height the run length), one cudaMemcpy2DAsync each, at the
-speed of one plain copy.  Everything else (fragmented slots, an engine's paged
-blocks) is one kernel launch over an op table.  A canonical array's run hashes
-are computed on its GPU, from its own bytes, by one kernel beside the copies
-(:meth:`GpuEngine.hash_ranges`); an engine's paged blocks are not contiguous
-runs there, so their writes return the hashes as a callable that hashes the
-landed pool bytes on the host, off the copy's timing (docs/decisions.md).
+mapping of the node's pool is host-registered once.  A read into a canonical
+array whose batch pages sit in a few runs of consecutive slots moves by the copy
+engines: layer ``l`` of such a run is one strided region (width the shard's head
+run, pitch the slot size, height the run length), one cudaMemcpy2DAsync each, at
+the speed of one plain copy.  Everything else (writes, fragmented slots, an
+engine's paged blocks) is one kernel launch over an op table.  A canonical
+array's run hashes are computed on its GPU, from its own bytes, by one kernel
+launch ahead of the copy (:meth:`GpuEngine.hash_ranges`); an engine's paged
+blocks are not contiguous runs there, so their writes return the hashes as a
+callable that hashes the landed pool bytes on the host, off the copy's timing
+(docs/decisions.md).
 
 Other host (:func:`staged_write`, :func:`staged_read`): the GPU side is
 gathered into (or scattered from) a pinned staging buffer of the device by one
@@ -43,6 +44,10 @@ _CUDA_DLPACK = (2, 13)
 # (layers x head runs x runs of consecutive slots); more fragmented batches take the
 # one-launch kernel, whose cost does not grow with the number of runs.
 MAX_RECT_COPIES = 64
+# Writes of canonical arrays take the kernel as well: their GPU hash runs just ahead, and after it
+# the copy engines' transfer into the pool ran ~1 ms per GiB slower than the kernel's on an H100
+# (bench/RESULTS.md, "GPU checksums").  Benchmarks turn it on to measure both paths.
+RECT_WRITES = False
 
 
 @dataclasses.dataclass
@@ -248,7 +253,9 @@ def _to_slots(plan: CopyPlan, batch: NodeBatch, data_device_address: int, to_slo
     gpu: GpuPlan = plan.device
     gpu.engine.begin()
     if gpu.canonical is not None:
-        rects = slot_rects(plan, batch, data_device_address, to_slots)
+        rects = (
+            slot_rects(plan, batch, data_device_address, to_slots) if RECT_WRITES or not to_slots else None
+        )
         if rects is not None:
             gpu.engine.wait_for(gpu.producer_stream)
             gpu.engine.copy_rects(rects)
