@@ -47,6 +47,27 @@ class NodeBatch:
         return len(self.pages)
 
 
+@functools.lru_cache(maxsize=16)
+def _plan_offsets(
+    layout: Layout, layers: tuple[int, ...], heads: tuple[int, int], num_pages: int
+) -> np.ndarray:
+    """CopyPlan.offsets, built by layout.copy_table once per shape (a put's layers share it)."""
+    shard_bytes = layout.shard_bytes(heads)
+    table = copy_table(
+        np.zeros(num_pages, dtype=np.uint64),
+        0,
+        layout,
+        list(layers),
+        heads,
+        True,
+        buf_page_stride=shard_bytes,
+        buf_layer_stride=num_pages * shard_bytes,
+    )
+    table = table.reshape(len(layers), num_pages, len(layout.shard_runs(heads)), 3)
+    table.flags.writeable = False
+    return table
+
+
 @dataclass(frozen=True)
 class CopyPlan:
     """Which bytes move: ``heads`` of ``layers`` of every page of the caller's buffer."""
@@ -77,25 +98,14 @@ class CopyPlan:
     def address(self) -> int:
         return int(self.buffer.ctypes.data)
 
-    @functools.cached_property
+    @property
     def offsets(self) -> np.ndarray:
         """(offset in slot, offset in buffer, length) of every run, shaped [layers, pages, runs, 3].
 
-        Built once per plan by layout.copy_table (slot address 0, buffer address
-        0) and shared by every node's batch: a node's table only adds its base
-        addresses to its pages' rows.
+        Shared by every node's batch (a node's table only adds its base addresses to
+        its pages' rows) and by every plan of the same shape: read-only.
         """
-        table = copy_table(
-            np.zeros(self.num_pages, dtype=np.uint64),
-            0,
-            self.layout,
-            self.layers,
-            self.heads,
-            True,
-            buf_page_stride=self.shard_bytes,
-            buf_layer_stride=self.num_pages * self.shard_bytes,
-        )
-        return table.reshape(len(self.layers), self.num_pages, self.runs_per_shard, 3)
+        return _plan_offsets(self.layout, tuple(self.layers), (self.heads[0], self.heads[1]), self.num_pages)
 
     def rows(self, batch: NodeBatch) -> np.ndarray:
         """:attr:`offsets` of ``batch``'s pages, [layers, len(batch), runs, 3]."""
