@@ -73,7 +73,7 @@ class _CommitChunk:
 
 
 _CHUNK_FIELDS = ("rows", "epochs", "layers", "begins", "ends", "checksums")
-MERGE_ENTRIES = 16_384  # a commit joins the log's last chunk while that is smaller than this
+MERGE_ENTRIES = 16_384  # rows of the log's open tail chunk, which smaller commits fill
 
 
 class Inventory:
@@ -102,6 +102,11 @@ class Inventory:
         self._namespaces: list[str] = []
         self._ns_index: dict[str, int] = {}
         self._log: list[_CommitChunk] = []
+        # the log's open tail: preallocated columns (MERGE_ENTRIES rows), how many are filled, and
+        # the chunk (views of them) that stands for it as the log's last entry
+        self._tail: _CommitChunk | None = None
+        self._tail_filled = 0
+        self._tail_chunk: _CommitChunk | None = None
         self._sweep_at = 0  # next chunk the sweep looks at
         self.used_bytes = 0
         # The highest slot generation this region has been given (assignments and frees alike), so a
@@ -346,18 +351,37 @@ class Inventory:
                 np.asarray(head_end, dtype=np.uint16)[known],
                 np.asarray(checksums, dtype=np.uint64)[known],
             )
-            if self._log and len(self._log[-1]) < MERGE_ENTRIES:
-                # a layer of a small request is a few hundred entries: as chunks of their own the
-                # log's per-chunk work (its sweep, a snapshot) would grow with every commit
-                last = self._log[-1]
-                chunk = _CommitChunk(
-                    *(np.concatenate((getattr(last, f), getattr(chunk, f))) for f in _CHUNK_FIELDS)
-                )
-                self._log[-1] = chunk
-            else:
-                self._log.append(chunk)
+            self._append(chunk)
         self._sweep(applied)
         return applied
+
+    def _append(self, chunk: _CommitChunk) -> None:
+        """Add commits to the log; small ones fill the open tail chunk.
+
+        A layer of a small request is a few hundred entries: as chunks of their own, the
+        log's per-chunk work (its sweep, a snapshot) would grow with every commit.  The tail
+        is a view of preallocated columns of MERGE_ENTRIES rows, so filling it copies only
+        the new entries; once the sweep replaces or drops it, the next commit opens a new one.
+        """
+        k = len(chunk)
+        tail, filled = self._tail, self._tail_filled
+        open_tail = tail is not None and bool(self._log) and self._log[-1] is self._tail_chunk
+        if open_tail and filled + k <= MERGE_ENTRIES:
+            assert tail is not None
+        elif k < MERGE_ENTRIES:
+            tail = self._tail = _CommitChunk(
+                *(np.empty(MERGE_ENTRIES, dtype=getattr(chunk, f).dtype) for f in _CHUNK_FIELDS)
+            )
+            filled = 0
+            self._log.append(chunk)  # replaced by the tail's view below
+        else:
+            self._log.append(chunk)
+            return
+        for f in _CHUNK_FIELDS:
+            getattr(tail, f)[filled : filled + k] = getattr(chunk, f)
+        self._tail_filled = filled + k
+        self._tail_chunk = _CommitChunk(*(getattr(tail, f)[: filled + k] for f in _CHUNK_FIELDS))
+        self._log[-1] = self._tail_chunk
 
     def free(self, slot_offsets: np.ndarray) -> int:
         """Forget what the slots held; returns how many were assigned."""
