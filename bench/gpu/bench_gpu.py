@@ -20,6 +20,10 @@ and the decoder's stream updates and reads are traced (``runs[i].writer.commits`
 ``--hash-only``: the GPU XXH3 kernel (the checksums of GPU writes) over 1 GiB of device
 memory in 4 KiB, 64 KiB and 1 MiB ranges.
 
+``--interference-only``: one 16384 x 64 KiB strided D2H copy alone, with the XXH3 kernel
+beside it (second stream) and after it, into cudaHostAlloc memory and into a registered
+mmap like a node's pool.
+
 ``--vram-only``: a node with a VRAM region; put_layer / leased get_prefix GB/s through
 CUDA IPC (GPU tensor <-> the region) beside one 1 GiB device-to-device copy, then the
 VRAM -> DRAM demotion throughput (one sequence past the high watermark, time until the
@@ -824,6 +828,66 @@ def hash_bench(reps: int = 5) -> dict[str, Any]:
     return out
 
 
+def interference_bench(reps: int = 7) -> dict[str, Any]:
+    """One 16384 x 64 KiB strided D2H copy, alone and with the XXH3 kernel beside it or after it.
+
+    Into cudaHostAlloc memory, and into a registered anonymous mmap with the pool's 256 KiB
+    pitch (a node's pool is a registered 4 KiB-page mapping): why GPU write hashes run in order.
+    """
+    import mmap
+
+    import cupy
+    import cupyx
+
+    from kvstore.gpu import hostreg
+    from kvstore.gpu.engine import engine_for
+
+    engine = engine_for(0)
+    n, seg, pitch = 16384, 64 << 10, 256 << 10
+    src = cupy.random.randint(0, 255, n * seg, dtype=cupy.uint8)
+    ranges = np.stack(
+        [
+            np.arange(n, dtype=np.uint64) * np.uint64(seg) + np.uint64(src.data.ptr),
+            np.full(n, seg, dtype=np.uint64),
+        ],
+        axis=1,
+    )
+    pinned = cupyx.empty_pinned(n * seg, dtype=np.uint8)
+    mapping = mmap.mmap(-1, n * pitch)
+    host = np.frombuffer(mapping, dtype=np.uint8)
+    host[::4096] = 1  # faulted in, as a node's pool is
+    registered = hostreg.device_pointer(host.ctypes.data, n * pitch, 0)
+    side = cupy.cuda.Stream(non_blocking=True)
+    out = cupy.empty(n, dtype=cupy.uint64)
+    ops = cupy.asarray(ranges)
+
+    def once(dst: int, dst_pitch: int, mode: str) -> float:
+        rect = np.array([[dst, dst_pitch, src.data.ptr, seg, seg, n]], dtype=np.uint64)
+        with engine:
+            t0 = time.perf_counter()
+            fork = cupy.cuda.Event(disable_timing=True)
+            fork.record(engine.stream)
+            engine.copy_rects(rect)
+            if mode == "beside":
+                side.wait_event(fork)
+                engine._xxh3((engine._sms * 8,), (256,), (ops, np.int64(n), out), stream=side)
+            elif mode == "after":
+                engine._xxh3((engine._sms * 8,), (256,), (ops, np.int64(n), out), stream=engine.stream)
+            engine.stream.synchronize()
+            side.synchronize()
+            return time.perf_counter() - t0
+
+    result: dict[str, Any] = {}
+    for name, dst, dst_pitch in (
+        ("cudaHostAlloc", pinned.ctypes.data, seg),
+        ("registered_mmap", registered, pitch),
+    ):
+        for mode in ("alone", "beside", "after"):
+            times = sorted(once(dst, dst_pitch, mode) for _ in range(reps))
+            result[f"{name}_{mode}_ms"] = times[len(times) // 2] * 1e3
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--pages", type=int, default=16384)
@@ -850,6 +914,11 @@ def main() -> None:
     )
     parser.add_argument("--vram-only", action="store_true", help="run the VRAM tier bench alone")
     parser.add_argument("--hash-only", action="store_true", help="run the GPU XXH3 kernel bench alone")
+    parser.add_argument(
+        "--interference-only",
+        action="store_true",
+        help="a strided D2H copy alone / with the XXH3 kernel beside / after (why write hashes run in order)",
+    )
     parser.add_argument("--vram-reps", type=int, default=3)
     parser.add_argument(
         "--vram-move-batch", type=int, default=256, help="tier_move_batch of the demotion run"
@@ -857,6 +926,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.hash_only:
         _emit({"gpu": _gpu_name(), "xxh3_kernel": hash_bench()}, args.json)
+        return
+    if args.interference_only:
+        _emit({"gpu": _gpu_name(), "copy_beside_kernel": interference_bench()}, args.json)
         return
     if args.vram_only:
         _emit(

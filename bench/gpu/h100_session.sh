@@ -16,7 +16,8 @@ for part in $PARTS; do
     tests) python3 -m pytest -q -p no:cacheprovider tests/gpu tests/tiers/test_vram.py tests/tiers/test_vram_placement.py 2>&1 | tee "$OUT/tests.log" | tail -15 ;;
     gpu) python3 bench/gpu/bench_gpu.py --layers 4 --reps 4 --json "$OUT/bench_gpu.json" 2>&1 | tail -40 ;;
     stream) python3 bench/gpu/bench_gpu.py --stream-only --json "$OUT/bench_stream.json" 2>&1 | tail -20 ;;
-    hash) python3 bench/gpu/bench_gpu.py --hash-only --json "$OUT/bench_hash.json" 2>&1 | tail -20 ;;
+    hash) python3 bench/gpu/bench_gpu.py --hash-only --json "$OUT/bench_hash.json" 2>&1 | tail -20
+          python3 bench/gpu/bench_gpu.py --interference-only --json "$OUT/bench_interference.json" 2>&1 | tail -12 ;;
     vram) python3 bench/gpu/bench_gpu.py --vram-only --vram-move-batch 4096 --json "$OUT/bench_vram.json" 2>&1 | tail -20 ;;
     demo) python3 -m kvstore.cli.main demo pd --model 8b --device cuda --own-cluster --new-tokens 32 \
             --lengths ${DEMO_LENGTHS:-1000,2048} ${DEMO_ARGS:-} --out "$OUT/demo${DEMO_TAG:-}.json" 2>&1 | tail -30 ;;
