@@ -985,8 +985,7 @@ def main() -> None:
         )
         setup.close()
         with process_pool(1) as wpool, process_pool(1) as rpool:
-            result["writer"] = wpool.submit(
-                writer,
+            common = (
                 cluster.master_address,
                 args.pages,
                 args.layers,
@@ -994,17 +993,9 @@ def main() -> None:
                 args.lib,
                 args.transport,
                 args.switch_ms,
-            ).result()
-            result["reader"] = rpool.submit(
-                reader,
-                cluster.master_address,
-                args.pages,
-                args.layers,
-                args.reps,
-                args.lib,
-                args.transport,
-                args.switch_ms,
-            ).result()
+            )
+            result["writer"] = wpool.submit(writer, *common).result()
+            result["reader"] = rpool.submit(reader, *common).result()
             if not args.skip_baselines:
                 pool_file = os.path.join(cluster.shm_dir, cluster.pool_files()[0])
                 from kvstore.tiers.dram import read_header

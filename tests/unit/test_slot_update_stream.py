@@ -283,13 +283,19 @@ class OlderNode(pb_grpc.NodeServicer):
         return pb.SlotUpdatesResponse(applied=1)
 
 
+async def serve_node(servicer: Any) -> tuple[grpc.aio.Server, int]:
+    """An in-process gRPC server for a Node servicer on a free port."""
+    server = grpc.aio.server()
+    pb_grpc.add_NodeServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    return server, port
+
+
 def test_an_older_node_gets_unary_calls():
     async def main() -> None:
         older = OlderNode()
-        server = grpc.aio.server()
-        pb_grpc.add_NodeServicer_to_server(older, server)
-        port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
+        server, port = await serve_node(older)
         registry, record = registry_with(f"127.0.0.1:{port}")
         try:
             await registry.send_updates(record.index, assign(0, 5, term=3))
@@ -315,10 +321,7 @@ def test_closing_the_node_service_ends_the_streams_so_a_graceful_stop_is_quick(t
             Inventory(pool.capacity_bytes),
             DataStats(),
         )
-        server = grpc.aio.server()
-        pb_grpc.add_NodeServicer_to_server(service, server)
-        port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
+        server, port = await serve_node(service)
         registry, record = registry_with(f"127.0.0.1:{port}")
         try:
             await registry.send_updates(record.index, assign(0, 5))
