@@ -266,3 +266,32 @@ def test_a_master_stopping_ends_its_streams_at_once(make_cluster: Any, loop: Loo
     code, _, _, _ = outcome(connection, "ReleaseLease", release())
     assert code is ErrorCode.UNAVAILABLE and stream.broken
     connection.close()
+
+
+def test_bad_envelopes_get_their_own_errors_and_the_stream_goes_on(cluster: Cluster) -> None:
+    """A raw Call stream (no SDK): unknown methods, unparsable requests and a tiny deadline are answered in band."""
+
+    async def main() -> dict[int, pb.CallResponse]:
+        async with grpc.aio.insecure_channel(cluster.master_address) as channel:
+            call = pb_grpc.KVStoreStub(channel).Call()
+            sent = [
+                pb.CallRequest(id=1, method="DeleteEverything", request=b""),
+                pb.CallRequest(id=2, method="GetStats", request=b""),  # a real RPC, but not over Call
+                pb.CallRequest(id=3, method="OpenPut", request=b"\xff\xff\xff not protobuf"),
+                pb.CallRequest(id=4, method="ReleaseLease", request=release().SerializeToString()),
+            ]
+            for request in sent:
+                await call.write(request)
+            answers = {}
+            for _ in sent:
+                answer = await asyncio.wait_for(call.read(), 5.0)
+                answers[answer.id] = answer
+            await call.done_writing()
+            return answers
+
+    answers = asyncio.run(main())
+    assert answers[1].error_code == answers[2].error_code == ErrorCode.INVALID_ARGUMENT.name
+    assert "cannot be called over Call" in answers[1].error_message
+    assert answers[3].error_code == ErrorCode.INVALID_ARGUMENT.name
+    assert "does not parse" in answers[3].error_message
+    assert not answers[4].error_code  # the stream still answers good requests
