@@ -208,6 +208,15 @@ SETTINGS: tuple[Setting, ...] = (
         "multiplexed gRPC stream per master instead of unary calls",
     ),
     Setting(
+        "commit_each_layer",
+        _parse_bool,
+        True,
+        (CLIENT,),
+        "commit every put_layer's layer as soon as its bytes are in (what layer-streaming readers need); "
+        "false: one durable CommitLayer per request, with the call that completes its layers (fewer "
+        "control messages for engines without streaming readers)",
+    ),
+    Setting(
         "put_lease_ms",
         int,
         0,

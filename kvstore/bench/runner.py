@@ -56,7 +56,7 @@ from kvstore.bench.workers import (
 )
 from kvstore.cli.output import render_table
 from kvstore.config import format_size, parse_size
-from kvstore.errors import KVStoreError
+from kvstore.errors import ErrorCode, KVStoreError
 from kvstore.layout import align_up
 from kvstore.testing import Cluster, process_pool, submit, wait_for
 
@@ -73,6 +73,27 @@ MEMORY_LAYERS = 32
 CONTROL_REQUESTS_MAX = 8
 
 Caller = Callable[[str, Any], Any]
+
+
+def client_settings(args: argparse.Namespace) -> tuple[tuple[str, str], ...]:
+    """``--client NAME=VALUE`` pairs, checked against the settings table."""
+    pairs = []
+    for item in args.client_settings:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            raise KVStoreError(ErrorCode.INVALID_ARGUMENT, f"--client wants NAME=VALUE, got {item!r}")
+        pairs.append((name.strip(), value.strip()))
+    known = {s.name for s in kvconfig.SETTINGS if kvconfig.CLIENT in s.components}
+    unknown = sorted(name for name, _ in pairs if name not in known)
+    if unknown:
+        raise KVStoreError(
+            ErrorCode.INVALID_ARGUMENT, f"--client: not a client setting: {', '.join(unknown)}"
+        )
+    try:
+        kvconfig.load(dict(pairs), environ={})  # bad values fail here, before any run
+    except SystemExit as exc:
+        raise KVStoreError(ErrorCode.INVALID_ARGUMENT, f"--client: {exc}") from None
+    return tuple(pairs)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -106,6 +127,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--layers", type=int, default=4, help="layers per page of the throughput part (default 4)"
     )
     parser.add_argument("--page-tokens", type=int, default=16, help="tokens per page (default 16)")
+    parser.add_argument(
+        "--client",
+        dest="client_settings",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a client setting of the throughput part's writer and reader (kvstore config), e.g. "
+        "commit_each_layer=false; repeatable",
+    )
     parser.add_argument("--request-bytes", default="64MiB", help="bytes of one request (all its layers)")
     parser.add_argument(
         "--memory-pages",
@@ -163,6 +193,11 @@ def run(args: argparse.Namespace, cfg: kvconfig.Config) -> int:
     total = parse_size(args.total_bytes or ("256MiB" if args.quick else "1GiB"))
     paths = [p.strip() for p in args.paths.split(",") if p.strip()]
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
+    try:
+        client_settings(args)
+    except KVStoreError as exc:
+        print(f"kvstore bench: {exc.message}", file=sys.stderr)
+        return 2
     if (
         not sizes
         or any(p not in PATHS for p in paths)
@@ -368,6 +403,7 @@ def run(args: argparse.Namespace, cfg: kvconfig.Config) -> int:
                 "request_bytes": request_bytes,
                 "quick": bool(args.quick),
                 "external_master": bool(external),
+                "client_settings": dict(client_settings(args)),
             },
             "results": results,
             **report,
@@ -403,7 +439,16 @@ def _throughput(
     for run_index in range(args.warmup + args.repeat):
         kept = runs if run_index >= args.warmup else warm
         work = Workload(
-            master, namespace, path, size, args.layers, args.page_tokens, per_request, requests, run_index
+            master,
+            namespace,
+            path,
+            size,
+            args.layers,
+            args.page_tokens,
+            per_request,
+            requests,
+            run_index,
+            client_settings(args),
         )
         try:
             kept["put"].append(submit(writer, put_run, work).result(RUN_TIMEOUT_S))

@@ -18,7 +18,7 @@ import numpy as np
 
 from kvstore import config as kvconfig
 
-_clients: dict[tuple[str, str, str], Any] = {}
+_clients: dict[tuple[Any, ...], Any] = {}
 _buffers: dict[tuple[str, int, int, int], np.ndarray] = {}
 
 
@@ -33,6 +33,9 @@ class Workload:
     pages_per_request: int
     requests: int
     run: int  # repeat index: each run writes fresh prompts
+    client_settings: tuple[
+        tuple[str, str], ...
+    ] = ()  # kvstore.config client settings (kvstore bench --client)
 
     @property
     def request_bytes(self) -> int:
@@ -54,9 +57,9 @@ class Workload:
 def _client(work: Workload) -> Any:
     from kvstore.client import KVStoreClient
 
-    key = (work.master, work.namespace, work.transport)
+    key = (work.master, work.namespace, work.transport, work.client_settings)
     if key not in _clients:
-        cfg = kvconfig.load({"transport": work.transport}, environ={})
+        cfg = kvconfig.load({"transport": work.transport, **dict(work.client_settings)}, environ={})
         _clients[key] = KVStoreClient(work.master, namespace=work.namespace, config=cfg)
     return _clients[key]
 

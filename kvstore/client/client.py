@@ -133,6 +133,7 @@ class KVStoreClient:
         self.namespace = namespace
         self._salt = bytes(salt)
         self._timeout_s = cfg.rpc_timeout_ms / 1000.0
+        self._commit_each_layer = cfg.commit_each_layer
         self._transports = TransportSelector(cfg.transport, cfg.copy_threads, self._timeout_s)
         if cfg.put_tier not in PUT_TIERS:
             raise KVStoreError(
@@ -423,7 +424,8 @@ class KVStoreClient:
                     # The pump sends this entry last and durably (not deferred); the layers queued
                     # before it go out as their checksums come in, not all at once with it.
                     completing = session.completing = True
-                if not session.pumping:
+                # commit_each_layer off: the layers wait in the queue for the completing call's commit
+                if not session.pumping and (self._commit_each_layer or completing):
                     session.pumping = True
                     session.pump = self._submit_coroutine(self._commit_pump(session))
             finished = len(session.layers_seen) >= layout.num_layers

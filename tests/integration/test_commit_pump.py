@@ -60,3 +60,39 @@ def test_pump_commits_ready_layers_without_waiting_for_later_ones(cluster, clien
     assert sent[-1] == ([3], False)
     assert all(deferred for _, deferred in sent[:-1])
     assert writer.match_prefix(tokens) == 6 * PAGE
+
+
+def _recording(writer: Any) -> list[tuple[list[int], bool]]:
+    sent: list[tuple[list[int], bool]] = []
+    acall = writer._master.acall
+
+    async def recording_acall(method: str, request: Any) -> Any:
+        if method == "CommitLayer":
+            sent.append((np.frombuffer(request.layers, dtype="<u2").tolist(), bool(request.deferred)))
+        return await acall(method, request)
+
+    writer._master.acall = recording_acall
+    return sent
+
+
+def test_commit_each_layer_off_sends_one_durable_commit_per_request(cluster, client, namespace) -> None:
+    writer = client(cluster, namespace, commit_each_layer=False)
+    writer.create_namespace(page_size=PAGE, num_layers=LAYERS, segment_bytes=16 << 10)
+    sent = _recording(writer)
+    tokens = prompt(72, 5 * PAGE)
+    kv = np.random.default_rng(72).integers(0, 256, (LAYERS, 5, 16 << 10), dtype=np.uint8)
+    for layer in range(LAYERS - 1):
+        assert writer.put_layer(tokens, layer, kv[layer]) == 5
+    reader = client(cluster, namespace)
+    assert sent == [] and reader.match_prefix(tokens) == 0  # nothing committed yet
+    assert writer.put_layer(tokens, LAYERS - 1, kv[LAYERS - 1]) == 5
+    assert sent == [(list(range(LAYERS)), False)]  # every layer in one durable commit
+    hit = reader.get_prefix(tokens)
+    assert hit.num_pages == 5
+    assert np.array_equal(np.stack([hit.layer(i) for i in range(LAYERS)]), kv)
+    # the default commits a layer without waiting for the request's last one
+    eager = client(cluster, namespace)
+    sent_eager = _recording(eager)
+    tokens2 = prompt(73, 3 * PAGE)
+    assert eager.put_layer(tokens2, 0, kv[0][:3]) == 3
+    wait_for(lambda: sent_eager == [([0], True)], 10, "layer 0 committed on its own")
