@@ -163,12 +163,15 @@ def test_bench_quick_smoke(tmp_path):
         "64KiB",
         "--repeat",
         "1",
+        "--client",
+        "commit_each_layer=false",  # the readers check every page's stamp: one commit per request loses nothing
         "--json",
         str(out),
         timeout=180,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     report = json.loads(out.read_text())
+    assert report["settings"]["client_settings"] == {"commit_each_layer": "false"}
     assert {r["path"] for r in report["results"]} == {"shm", "tcp"}
     assert {r["op"] for r in report["results"]} == {"put", "get"}
     for row in report["results"]:
@@ -177,6 +180,21 @@ def test_bench_quick_smoke(tmp_path):
         )
     assert report["machine"]["cores"] >= 1 and report["limits"]["memcpy_gbps"] > 0
     assert np.isfinite(report["limits"]["loopback_gbps"])
+
+
+@pytest.mark.parametrize(
+    ("setting", "why"),
+    [
+        ("bogus=1", "not a client setting: bogus"),
+        ("port=1", "not a client setting: port"),  # a master setting
+        ("commit_each_layer=maybe", "not a boolean"),
+        ("commit_each_layer", "wants NAME=VALUE"),
+    ],
+)
+def test_bench_rejects_bad_client_settings_before_any_run(setting, why):
+    result = run_cli("bench", "--parts", "throughput", "--client", setting, timeout=60)
+    assert result.returncode == 2 and why in result.stderr, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr and "limits:" not in result.stdout
 
 
 def test_bench_other_parts_smoke(tmp_path):
