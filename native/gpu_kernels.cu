@@ -332,3 +332,106 @@ extern "C" __global__ void __launch_bounds__(XXH_BLOCK_THREADS)
 kvs_xxh3_64_warp(const u64* __restrict__ ops, long long n, u64* __restrict__ out) {
     xxh3_ranges<32>(ops, n, out);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Copy and hash in one pass: ops are n rows of (dst, src, len) with dst, src and len multiples
+// of 16 and len > 240; out[i] is XXH3_64bits of row i's bytes (as kvs_xxh3_64 computes it).
+// The copy keeps the copy kernel's access pattern (contiguous 16-byte vectors across the
+// block, four in flight per thread); the hash is summed from the same registers: thread t of
+// a 4 KiB step holds the 16 bytes of stripe (t / 4) % 16, lanes 2 (t % 4) and 2 (t % 4) + 1,
+// of XXH3 block t / 64 of the step.  Warp shuffles and shared memory add up each block's lane
+// sums; eight threads then chain them through the scrambles, in block order.
+
+#define XXH_FUSED_THREADS 256
+#define XXH_FUSED_UNROLL 4  // steps of 4 KiB per round: 16 XXH3 blocks
+
+extern "C" __global__ void __launch_bounds__(XXH_FUSED_THREADS)
+kvs_copy_hash_segments(const u64* __restrict__ ops, long long n, u64* __restrict__ out) {
+    __shared__ u64 keys[24];
+    __shared__ u64 last_keys[8];
+    // [block of the round][half of the XXH3 block (a warp each)][lane]
+    __shared__ u64 sums[XXH_FUSED_UNROLL * 4][2][8];
+    __shared__ u64 accs[8];
+    const int t = threadIdx.x;
+    if (t < 24) keys[t] = xxh_secret64(8 * t);
+    if (t < 8) last_keys[t] = xxh_secret64(121 + 8 * t);
+    __syncthreads();
+    const int k = t & 3, stripe = (t >> 2) & 15, xblock = t >> 6, half = (t >> 5) & 1;
+    for (long long op = blockIdx.x; op < n; op += gridDim.x) {
+        vec16* dst = (vec16*)ops[3 * op];
+        const vec16* src = (const vec16*)ops[3 * op + 1];
+        const u64 len = ops[3 * op + 2];
+        const u64 full_blocks = (len - 1) / 1024;
+        const u64 tail_stripes = ((len - 1) - 1024 * full_blocks) / 64;
+        const u64 nvec = len >> 4;
+        u64 acc = 0;
+        if (t < 8) {
+            const u64 init[8] = {XXH_P32_3, XXH_P64_1, XXH_P64_2, XXH_P64_3, XXH_P64_4, XXH_P32_2, XXH_P64_5, XXH_P32_1};
+            acc = init[t];
+        }
+        for (u64 base = 0; base < nvec; base += XXH_FUSED_UNROLL * XXH_FUSED_THREADS) {
+            vec16 v[XXH_FUSED_UNROLL];
+#pragma unroll
+            for (int j = 0; j < XXH_FUSED_UNROLL; j++) {
+                const u64 i = base + j * XXH_FUSED_THREADS + t;
+                if (i < nvec) v[j] = src[i];
+                else v[j].lo = v[j].hi = 0;
+            }
+#pragma unroll
+            for (int j = 0; j < XXH_FUSED_UNROLL; j++) {
+                const u64 i = base + j * XXH_FUSED_THREADS + t;
+                if (i < nvec) dst[i] = v[j];
+            }
+#pragma unroll
+            for (int j = 0; j < XXH_FUSED_UNROLL; j++) {
+                const u64 b = (base + j * XXH_FUSED_THREADS) / 64 + xblock;  // XXH3 block of this vector
+                const bool counts = b < full_blocks || (b == full_blocks && (u64)stripe < tail_stripes);
+                u64 even = 0, odd = 0;
+                if (counts) {
+                    const u64 ke = v[j].lo ^ keys[stripe + 2 * k], ko = v[j].hi ^ keys[stripe + 2 * k + 1];
+                    even = v[j].hi + (ke & 0xffffffffULL) * (ke >> 32);
+                    odd = v[j].lo + (ko & 0xffffffffULL) * (ko >> 32);
+                }
+                // the 8 stripes of this warp with the same k: lanes t, t^4, t^8, t^16
+#pragma unroll
+                for (int m = 4; m < 32; m <<= 1) {
+                    even += __shfl_xor_sync(0xffffffffu, even, m);
+                    odd += __shfl_xor_sync(0xffffffffu, odd, m);
+                }
+                if ((t & 31) < 4) {
+                    sums[j * 4 + xblock][half][2 * k] = even;
+                    sums[j * 4 + xblock][half][2 * k + 1] = odd;
+                }
+            }
+            __syncthreads();
+            if (t < 8) {
+                for (int g = 0; g < XXH_FUSED_UNROLL * 4; g++) {
+                    const u64 b = base / 64 + g;
+                    if (b > full_blocks) break;
+                    acc += sums[g][0][t] + sums[g][1][t];
+                    if (b < full_blocks) {
+                        acc ^= acc >> 47;
+                        acc ^= keys[16 + t];
+                        acc *= XXH_P32_1;
+                    }
+                }
+            }
+            __syncthreads();
+        }
+        if (t < 8) {
+            const unsigned char* last = (const unsigned char*)src + len - 64;
+            const u64 w = xxh_read64(last + 8 * t);
+            const u64 key = w ^ last_keys[t];
+            acc += xxh_read64(last + 8 * (t ^ 1)) + (key & 0xffffffffULL) * (key >> 32);
+            accs[t] = acc;
+        }
+        __syncthreads();
+        if (t == 0) {
+            u64 h = len * XXH_P64_1;
+            for (int i = 0; i < 4; i++)
+                h += xxh_fold64(accs[2 * i] ^ xxh_secret64(11 + 16 * i), accs[2 * i + 1] ^ xxh_secret64(19 + 16 * i));
+            out[op] = xxh3_avalanche(h);
+        }
+        __syncthreads();
+    }
+}

@@ -46,6 +46,18 @@ def engine_for(device: int) -> GpuEngine:
         return engine
 
 
+def fusable(table: np.ndarray) -> bool:
+    """Whether :meth:`GpuEngine.copy_hash_segments` takes these (dst, src, len) rows.
+
+    Both sides 16-byte aligned, lengths a multiple of 16 and longer than XXH3's short forms
+    (240 bytes): a store's shards of 64 KiB, or of any head range of a common head size.
+    """
+    rows = np.asarray(table, dtype=np.uint64).reshape(-1, 3)
+    if not len(rows):
+        return False
+    return not np.any(np.bitwise_or.reduce(rows, axis=1) & np.uint64(15)) and int(rows[:, 2].min()) > 240
+
+
 def split_long(table: np.ndarray, limit: int = SPLIT_BYTES) -> np.ndarray:
     """(dst, src, len) rows with every row longer than ``limit`` cut into ``limit``-byte pieces."""
     lengths = table[:, 2]
@@ -74,6 +86,7 @@ class GpuEngine:
             self._rows = module.get_function("kvs_copy_rows")
             self._xxh3 = module.get_function("kvs_xxh3_64")  # a block per range
             self._xxh3_warp = module.get_function("kvs_xxh3_64_warp")  # a warp per range
+            self._copy_hash = module.get_function("kvs_copy_hash_segments")
             self.stream = cupy.cuda.Stream(non_blocking=True)
             sms = cupy.cuda.runtime.getDeviceProperties(device)["multiProcessorCount"]
         self._sms = int(sms)
@@ -158,13 +171,38 @@ class GpuEngine:
         self._keep_hash = (ops, out)  # until the sync: the kernel and the copy-out use them
         return host_out
 
-    def _hash_buffers(self, n: int) -> tuple[np.ndarray, np.ndarray]:
-        """Pinned host memory for ``n`` hash ops and their results (grown on demand, kept)."""
-        if self._hash_pinned is None or len(self._hash_pinned) < 3 * n:
+    def copy_hash_segments(self, table: np.ndarray) -> np.ndarray:
+        """Queue one launch that copies every (dst, src, len) row and hashes its bytes as it goes.
+
+        The hashes are :meth:`hash_ranges`' values, from the registers the copy already holds:
+        no second pass over the bytes, no second kernel.  Rows must pass :func:`fusable`.
+        Returns a pinned host array that holds the hashes after :meth:`sync` (reused by the
+        next call: copy it out).
+        """
+        rows = np.asarray(table, dtype=np.uint64).reshape(-1, 3)
+        n = len(rows)
+        if n == 0:
+            return np.empty(0, dtype=np.uint64)
+        host_ops, host_out = self._hash_buffers(n, 3)
+        host_ops[:] = rows
+        with cupy.cuda.Device(self.device), self.stream:
+            ops = cupy.empty((n, 3), dtype=cupy.uint64)
+            ops.set(host_ops, stream=self.stream)
+            out = cupy.empty(n, dtype=cupy.uint64)
+            grid = min(n, self._sms * 8)
+            self._copy_hash((grid,), (256,), (ops, np.int64(n), out), stream=self.stream)
+            out.get(stream=self.stream, out=host_out, blocking=False)
+        self._keep_hash = (ops, out)
+        return host_out
+
+    def _hash_buffers(self, n: int, width: int = 2) -> tuple[np.ndarray, np.ndarray]:
+        """Pinned host memory for ``n`` ops of ``width`` words and their results (grown on demand, kept)."""
+        need = (width + 1) * n
+        if self._hash_pinned is None or len(self._hash_pinned) < need:
             import cupyx
 
-            self._hash_pinned = cupyx.empty_pinned(max(3 * n, 3 << 14), dtype=np.uint64)
-        return self._hash_pinned[: 2 * n].reshape(n, 2), self._hash_pinned[2 * n : 3 * n]
+            self._hash_pinned = cupyx.empty_pinned(max(need, 4 << 14), dtype=np.uint64)
+        return self._hash_pinned[: width * n].reshape(n, width), self._hash_pinned[width * n : need]
 
     def copy_rects(self, rects: np.ndarray) -> None:
         """Queue one cudaMemcpy2DAsync per (dst, dst_pitch, src, src_pitch, width, height) row.

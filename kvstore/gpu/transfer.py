@@ -32,7 +32,7 @@ import numpy as np
 from kvstore import native
 from kvstore.errors import ErrorCode, KVStoreError
 from kvstore.gpu import arrays, hostreg, layouts
-from kvstore.gpu.engine import GpuEngine, engine_for
+from kvstore.gpu.engine import GpuEngine, engine_for, fusable
 from kvstore.transports.base import CopyPlan, NodeBatch, RunHashes
 
 if TYPE_CHECKING:
@@ -142,16 +142,9 @@ def _launch(
     gpu: GpuPlan = plan.device
     gpu.engine.wait_for(gpu.producer_stream)
     if gpu.canonical is not None:
-        rows = plan.rows(batch)
-        if half_stride is None:  # staging: same offsets on both sides
-            canon_side = rows[..., 1] + np.uint64(int(canon_addrs))
-        else:
-            canon_side = rows[..., 0] + canon_addrs[:, :, None]
-        dev_side = rows[..., 1] + np.uint64(gpu.canonical.ptr)
-        table = np.empty(rows.shape, dtype=np.uint64)
-        table[..., 0], table[..., 1] = (canon_side, dev_side) if to_canon else (dev_side, canon_side)
-        table[..., 2] = rows[..., 2]
-        gpu.engine.copy_segments(table.reshape(-1, 3))
+        gpu.engine.copy_segments(
+            _canonical_table(plan, batch, canon_addrs, half_stride, to_canon).reshape(-1, 3)
+        )
         return
     assert gpu.pools is not None
     layout = plan.layout
@@ -161,6 +154,44 @@ def _launch(
     ]
     gpu.engine.copy_rows(np.concatenate(tables) if len(tables) > 1 else tables[0])
     del layout
+
+
+def _canonical_table(
+    plan: CopyPlan, batch: NodeBatch, canon_addrs: np.ndarray, half_stride: int | None, to_canon: bool
+) -> np.ndarray:
+    """(dst, src, len) of every run between a canonical array and canonical memory, [layers, pages, runs, 3]."""
+    gpu: GpuPlan = plan.device
+    assert gpu.canonical is not None
+    rows = plan.rows(batch)
+    if half_stride is None:  # staging: same offsets on both sides
+        canon_side = rows[..., 1] + np.uint64(int(canon_addrs))
+    else:
+        canon_side = rows[..., 0] + canon_addrs[:, :, None]
+    dev_side = rows[..., 1] + np.uint64(gpu.canonical.ptr)
+    table = np.empty(rows.shape, dtype=np.uint64)
+    table[..., 0], table[..., 1] = (canon_side, dev_side) if to_canon else (dev_side, canon_side)
+    table[..., 2] = rows[..., 2]
+    return table
+
+
+def write_hashed(plan: CopyPlan, batch: NodeBatch, slots_address: int) -> np.ndarray | None:
+    """A canonical array's write into slots at ``slots_address``, copied and hashed by one launch.
+
+    Returns the run hashes, [layers, pages, runs], once the bytes have landed; None (nothing
+    done) when the batch does not suit the fused kernel (the caller copies and hashes apart)
+    or the benchmarks force the copy engines.  Call inside the engine's lock.
+    """
+    gpu: GpuPlan = plan.device
+    if gpu.canonical is None or RECT_WRITES:
+        return None
+    table = _canonical_table(plan, batch, _slot_run_starts(plan, batch, slots_address), 0, True)
+    if not fusable(table):
+        return None
+    gpu.engine.wait_for(gpu.producer_stream)
+    gpu.engine.begin()
+    hashes = gpu.engine.copy_hash_segments(table.reshape(-1, 3))
+    gpu.engine.sync()
+    return hashes.reshape(table.shape[:3]).copy()
 
 
 def _slot_addrs(plan: CopyPlan, batch: NodeBatch, data_address: int) -> np.ndarray:
@@ -305,6 +336,9 @@ def shm_write(transport: ShmTransport, batch: NodeBatch, plan: CopyPlan, threads
     """
     gpu: GpuPlan = plan.device
     with gpu.engine:
+        fused = write_hashed(plan, batch, _pool_device_data(transport, gpu.device))
+        if fused is not None:
+            return fused
         if gpu.canonical is not None:
             on_device = run_hashes_on_device(plan, batch, None)  # from HBM, ahead of the copies
             _to_slots(plan, batch, _pool_device_data(transport, gpu.device), True)

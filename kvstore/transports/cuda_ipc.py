@@ -122,6 +122,9 @@ class CudaIpcTransport(MappedRegionTransport):
         if region is None:
             return self._fallback.write(batch, plan)
         with gpu.engine:
+            fused = transfer.write_hashed(plan, batch, region)
+            if fused is not None:
+                return fused
             transfer._to_slots(plan, batch, region, True)
             # the landed bytes, hashed where they are: one launch after the copy, on its stream
             hashes = transfer.run_hashes_on_device(plan, batch, region)
