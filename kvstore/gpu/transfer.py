@@ -7,11 +7,11 @@ engines: layer ``l`` of such a run is one strided region (width the shard's head
 run, pitch the slot size, height the run length), one cudaMemcpy2DAsync each, at
 the speed of one plain copy.  Everything else (writes, fragmented slots, an
 engine's paged blocks) is one kernel launch over an op table.  A canonical
-array's run hashes are computed on its GPU, from its own bytes, by one kernel
-launch ahead of the copy (:meth:`GpuEngine.hash_ranges`); an engine's paged
-blocks are not contiguous runs there, so their writes return the hashes as a
-callable that hashes the landed pool bytes on the host, off the copy's timing
-(docs/decisions.md).
+array's write is copied and hashed (XXH3) by one kernel (:func:`write_hashed`),
+or, for runs that kernel does not take, hashed by a kernel ahead of the copy
+(:meth:`GpuEngine.hash_ranges`); an engine's paged blocks are not contiguous
+runs there, so their DRAM writes return the hashes as a callable that hashes the
+landed pool bytes on the host, off the copy's timing (docs/decisions.md).
 
 Other host (:func:`staged_write`, :func:`staged_read`): the GPU side is
 gathered into (or scattered from) a pinned staging buffer of the device by one
