@@ -41,9 +41,13 @@ def as_token_array(tokens: Any) -> np.ndarray:
         raise KVStoreError(ErrorCode.BAD_TOKENS, "tokens are empty")
     if arr.dtype.kind not in "iu":
         raise KVStoreError(ErrorCode.BAD_TOKENS, f"tokens must be integers, got {arr.dtype}")
-    if int(arr.min()) < 0 or int(arr.max()) >= TOKEN_LIMIT:
+    # One native pass converts and checks (a prompt of 256K int64 tokens: ~0.1 ms instead of
+    # min, max and a conversion, ~0.6 ms); byte-swapped arrays take numpy first.
+    src = np.ascontiguousarray(arr if arr.dtype.isnative else arr.astype(arr.dtype.newbyteorder("=")))
+    out = np.empty(src.size, dtype="<i4")
+    if _native.tokens_i32(src, src.dtype.itemsize, src.dtype.kind == "i", out) >= 0:
         raise KVStoreError(ErrorCode.BAD_TOKENS, "tokens must lie in [0, 2^31)")
-    return np.ascontiguousarray(arr, dtype="<i4")
+    return out
 
 
 def page_keys(

@@ -465,6 +465,46 @@ done:
     return result;
 }
 
+/* tokens_i32(src, itemsize, signed, out): token ids of any integer width into little-endian
+ * int32 ``out`` in one pass, checking each lies in [0, 2^31).  Returns the index of the first
+ * token out of range, or -1 when all are in range (keys.as_token_array). */
+static PyObject *py_tokens_i32(PyObject *self, PyObject *args) {
+    Py_buffer src, out;
+    Py_ssize_t itemsize;
+    int is_signed;
+    if (!PyArg_ParseTuple(args, "y*npw*", &src, &itemsize, &is_signed, &out)) return NULL;
+    PyObject *result = NULL;
+    if ((itemsize != 1 && itemsize != 2 && itemsize != 4 && itemsize != 8) || src.len % itemsize ||
+        out.len < (src.len / itemsize) * 4) {
+        PyErr_SetString(PyExc_ValueError, "tokens_i32: itemsize 1, 2, 4 or 8 and out 4 bytes per token");
+        goto done;
+    }
+    Py_ssize_t n = src.len / itemsize, bad = -1;
+    int32_t *dst = (int32_t *)out.buf;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t i = 0; i < n && bad < 0; i++) {
+        int64_t v;
+        const unsigned char *p = (const unsigned char *)src.buf + i * itemsize;
+        switch (itemsize) {
+            case 1: v = is_signed ? (int64_t)*(const int8_t *)p : (int64_t)*(const uint8_t *)p; break;
+            case 2: v = is_signed ? (int64_t)*(const int16_t *)p : (int64_t)*(const uint16_t *)p; break;
+            case 4: v = is_signed ? (int64_t)*(const int32_t *)p : (int64_t)*(const uint32_t *)p; break;
+            default: {
+                uint64_t u = *(const uint64_t *)p;
+                v = (!is_signed && u > INT32_MAX) ? -1 : (int64_t)u;
+            }
+        }
+        if (v < 0 || v > INT32_MAX) bad = i;
+        else dst[i] = (int32_t)v;
+    }
+    Py_END_ALLOW_THREADS
+    result = PyLong_FromSsize_t(bad);
+done:
+    PyBuffer_Release(&src);
+    PyBuffer_Release(&out);
+    return result;
+}
+
 /* table_find(slots, keys, words, home, out): open addressing with linear probing over ``slots``
  * (i32 row numbers, -1 empty, -2 deleted; power-of-two length); a row matches when its two u64
  * words in ``keys`` equal the searched ones.  out[i] = the row of words[i], or -1. */
@@ -554,6 +594,9 @@ static PyMethodDef methods[] = {
     {"key_chain", py_key_chain, METH_VARARGS,
      "key_chain(root, tokens, page_size, out): page keys v1 (no page context) into out, 16 bytes each; "
      "returns the number of pages."},
+    {"tokens_i32", py_tokens_i32, METH_VARARGS,
+     "tokens_i32(src, itemsize, signed, out): integer tokens into int32 out, checked to lie in [0, 2^31); "
+     "returns the first bad index or -1."},
     {"table_find", py_table_find, METH_VARARGS,
      "table_find(slots, keys, words, home, out): linear-probing lookup of [n, 2] u64 words; out[i] = row or -1."},
     {"table_place", py_table_place, METH_VARARGS,

@@ -33,7 +33,10 @@ def test_page_key_vectors_with_context() -> None:
     assert [k.hex() for k in got] == PAGE_KEYS_CTX
 
 
-@pytest.mark.parametrize("dtype", [np.int32, np.int64, np.uint32, np.uint16, np.dtype(">i4")])
+@pytest.mark.parametrize(
+    "dtype",
+    [np.int8, np.uint8, np.int16, np.uint16, np.int32, np.uint32, np.int64, np.uint64, np.dtype(">i4")],
+)
 def test_keys_do_not_depend_on_the_token_dtype(dtype: np.dtype) -> None:
     root = keys.namespace_root("llama3-8b/bf16")
     tokens = np.arange(1, 11).astype(dtype)
@@ -70,7 +73,18 @@ def test_keys_chain_on_the_parent() -> None:
 
 @pytest.mark.parametrize(
     "tokens",
-    [[], [[1, 2], [3, 4]], [1.0, 2.0], [-1, 2], [0, 1 << 31], np.array([1, 2], dtype=np.float32)],
+    [
+        [],
+        [[1, 2], [3, 4]],
+        [1.0, 2.0],
+        [-1, 2],
+        [0, 1 << 31],
+        np.array([1, 2], dtype=np.float32),
+        np.array([3, -1], dtype=np.int8),
+        np.array([1 << 32], dtype=np.uint64),  # would wrap to 0 as int32
+        np.array([1 << 63], dtype=np.uint64),  # negative as int64
+        np.array([7, (1 << 31) + 4], dtype=np.dtype(">i8")),
+    ],
 )
 def test_bad_tokens(tokens: object) -> None:
     with pytest.raises(KVStoreError) as info:
@@ -80,6 +94,14 @@ def test_bad_tokens(tokens: object) -> None:
 
 def test_largest_token_is_accepted() -> None:
     assert keys.as_token_array([0, (1 << 31) - 1]).dtype == np.dtype("<i4")
+
+
+def test_token_array_is_a_contiguous_copy() -> None:
+    tokens = np.arange(20, dtype=np.int32)
+    got = keys.as_token_array(tokens[::2])  # strided input
+    assert got.flags.c_contiguous and np.array_equal(got, np.arange(0, 20, 2))
+    got[0] = 99  # the caller's array is not aliased
+    assert tokens[0] == 0
 
 
 def test_sequence_digest_covers_the_tail() -> None:
