@@ -33,16 +33,8 @@ def test_pump_commits_ready_layers_without_waiting_for_later_ones(cluster, clien
             return future
         return sums
 
-    sent: list[tuple[list[int], bool]] = []
-    acall = writer._master.acall
-
-    async def recording_acall(method: str, request: Any) -> Any:
-        if method == "CommitLayer":
-            sent.append((np.frombuffer(request.layers, dtype="<u2").tolist(), bool(request.deferred)))
-        return await acall(method, request)
-
+    sent = _recording(writer)
     writer._write = gated_write
-    writer._master.acall = recording_acall
     tokens = prompt(71, 6 * PAGE)
     kv = np.random.default_rng(71).integers(0, 256, (6, 16 << 10), dtype=np.uint8)
     for layer in range(3):
