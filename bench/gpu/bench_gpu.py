@@ -48,6 +48,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 
 from kvstore.testing import Cluster, process_pool, prompt  # noqa: E402
 
+ASYNC_REPS = 2  # sequences of pipelined put_layer_async per writer run
 PATHS = ("copy_engine", "kernel")  # the SDK's strided-copy path, and the one-launch kernel forced
 
 
@@ -55,8 +56,8 @@ def _set_path(path: str) -> None:
     """Select the SDK's GPU path for this process (the kernel: no strided copies allowed)."""
     from kvstore.gpu import transfer
 
-    transfer.MAX_RECT_COPIES = 64 if path == "copy_engine" else 0
-    transfer.RECT_WRITES = path == "copy_engine"
+    transfer.MAX_RECT_COPIES = 0 if path == "kernel" else 64
+    transfer.RECT_WRITES = path == "copy_engine"  # "sdk": the SDK's own choice (kernel writes, strided reads)
 
 
 def _timing(on: bool) -> Any:
@@ -176,7 +177,18 @@ def writer(
                 copy_gpu[path].append(engine.last_copy_s)
                 transfer_wall[path].append(spent[-1])
         sequence.append(time.perf_counter() - start)
-    _set_path("copy_engine")
+    _set_path("sdk")
+    # put_layer_async, pipelined: layer 0 (with the OpenPut) first, then the other layers handed
+    # over back to back; their GB/s from layer 0's completion to the flush (the durable commit)
+    async_after_first: list[float] = []
+    for rep in range(ASYNC_REPS):
+        tokens = prompt(10_000 + rep, pages * PAGE)
+        client.put_layer_async(tokens, 0, kv[0]).result(120)
+        t0 = time.perf_counter()
+        for layer in range(1, layers):
+            client.put_layer_async(tokens, layer, kv[layer])
+        client.flush(120)
+        async_after_first.append(time.perf_counter() - t0)
     client.close()
     nbytes = pages * seg
     result: dict[str, Any] = {
@@ -186,6 +198,10 @@ def writer(
         "put_sequence_s": sequence,
         "put_last_layer_GBps": nbytes / _median(last_layer) / 1e9,
         "put_sequence_GBps": layers * nbytes / _median(sequence) / 1e9,
+        "put_async_after_first_layer_s": async_after_first,
+        "put_async_after_first_layer_GBps": (layers - 1) * nbytes / _median(async_after_first) / 1e9
+        if async_after_first and layers > 1
+        else 0.0,
     }
     for path in PATHS:
         if per_layer[path]:
@@ -958,11 +974,12 @@ def main() -> None:
     free = (
         os.statvfs("/dev/shm").f_bavail * os.statvfs("/dev/shm").f_frsize if os.path.isdir("/dev/shm") else 0
     )
-    fit = int(free * 0.9) // (args.pages * page_bytes) - 1  # one sequence per rep, plus the warm-up
+    # one sequence per rep, plus the warm-up and the async sequences
+    fit = int(free * 0.9) // (args.pages * page_bytes) - 1 - ASYNC_REPS
     if not args.dram and 1 <= fit < args.reps:
         print(f"/dev/shm has {free >> 20} MiB free: {fit} reps instead of {args.reps}", file=sys.stderr)
         args.reps = fit
-    dram = args.dram or str(args.pages * page_bytes * (args.reps + 1) + (256 << 20))
+    dram = args.dram or str(args.pages * page_bytes * (args.reps + 1 + ASYNC_REPS) + (256 << 20))
     result: dict[str, Any] = {
         "pages": args.pages,
         "segment_bytes": seg,

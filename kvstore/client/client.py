@@ -12,6 +12,7 @@ import asyncio
 import collections
 import concurrent.futures
 import contextlib
+import dataclasses
 import functools
 import logging
 import struct
@@ -57,6 +58,27 @@ def _log_release_failure(lease_id: str, future: concurrent.futures.Future[Any]) 
 def _resolved(checksums: Any) -> np.ndarray:
     """Checksums of a put_layer call: an array, or the future of a GPU write's (computed by then)."""
     return checksums.result() if isinstance(checksums, concurrent.futures.Future) else checksums
+
+
+def _when_landed(future: concurrent.futures.Future[int], queued: concurrent.futures.Future[Any]) -> None:
+    """Complete an async put's future once its put returned and its bytes have landed."""
+    error = queued.exception()
+    if error is not None:
+        future.set_exception(error)
+        return
+    pages, checksums = queued.result()
+    if not isinstance(checksums, concurrent.futures.Future):
+        future.set_result(pages)
+        return
+
+    def landed(done: concurrent.futures.Future[Any]) -> None:
+        failed = done.exception()
+        if failed is not None:
+            future.set_exception(failed)
+        else:
+            future.set_result(pages)
+
+    checksums.add_done_callback(landed)
 
 
 def _finish_checksums(
@@ -153,6 +175,7 @@ class KVStoreClient:
         self._hash_worker: concurrent.futures.ThreadPoolExecutor | None = None  # GPU writes' checksums
         # put_layer_async: one worker thread runs the queued puts in call order
         self._put_worker: concurrent.futures.ThreadPoolExecutor | None = None
+        self._put_local = threading.local()  # the put worker's mode, and each put's checksums
         self._async_lock = threading.Lock()
         self._unflushed: list[concurrent.futures.Future[int]] = []
         self._async_failed: set[SessionKey] = set()  # sequences whose async put failed since the last flush
@@ -401,9 +424,15 @@ class KVStoreClient:
             if finished:
                 self._sessions.drop(key, session)
             return 0
-        plan = CopyPlan(layout, layer_list, heads, source, num_pages, None if side is None else side.gpu)
+        gpu_side = None if side is None else side.gpu
+        if gpu_side is not None and getattr(self._put_local, "pipelined", False):
+            # an async put: the copy is queued and the call returns; its checksums (a future)
+            # are ready once the bytes have landed, and its caller's future waits for them
+            gpu_side = dataclasses.replace(gpu_side, wait=False)
+        plan = CopyPlan(layout, layer_list, heads, source, num_pages, gpu_side)
         try:
             checksums: Any = self._write(session, plan)  # an array, or a future of one (GPU writes)
+            self._put_local.checksums = checksums
         except KVStoreError as exc:
             self._fail_session(key, session, exc)
             raise
@@ -643,7 +672,9 @@ class KVStoreClient:
         The copy and the commit run on a worker thread of the client (the native
         copy releases the GIL, so the caller computes the next layer meanwhile);
         puts run in call order, so the layers of a sequence are written and
-        committed in the order they were handed over.  ``kv`` must not be
+        committed in the order they were handed over.  A GPU array's copy is
+        queued on the GPU and the worker goes on with the next put while it runs
+        (its future completes once the bytes have landed).  ``kv`` must not be
         modified (or freed) until its future is done.  Arguments are checked
         here; a put that fails aborts its sequence's put (as put_layer does) and
         the later async puts of that sequence fail without writing, until the
@@ -657,9 +688,11 @@ class KVStoreClient:
                 self._put_worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="kvstore-put")
             # keep what flush must report: puts not done yet and the failed ones
             self._unflushed = [f for f in self._unflushed if not f.done() or f.exception() is not None]
-            future = self._put_worker.submit(
+            queued = self._put_worker.submit(
                 self._put_in_order, key, tokens, layer, kv, tp_rank, tp_size, contexts, reader_host
             )
+            future: concurrent.futures.Future[int] = concurrent.futures.Future()
+            queued.add_done_callback(functools.partial(_when_landed, future))
             self._unflushed.append(future)
         return future
 
@@ -673,20 +706,25 @@ class KVStoreClient:
         tp_size: int,
         contexts: Sequence[bytes] | None,
         reader_host: str,
-    ) -> int:
+    ) -> tuple[int, Any]:
+        """One async put on the worker: (pages written, its checksums: an array or a future of one)."""
         if key is not None and key in self._async_failed:
             raise KVStoreError(
                 ErrorCode.SESSION_NOT_FOUND,
                 f"layer {layer} not written: an earlier async put of this sequence failed and aborted its put",
             )
+        self._put_local.pipelined, self._put_local.checksums = True, None
         try:
-            return self.put_layer(
+            pages = self.put_layer(
                 tokens, layer, kv, tp_rank, tp_size, contexts=contexts, reader_host=reader_host
             )
+            return pages, self._put_local.checksums
         except BaseException:
             if key is not None:
                 self._async_failed.add(key)
             raise
+        finally:
+            self._put_local.pipelined, self._put_local.checksums = False, None
 
     def flush(self, timeout: float | None = None) -> None:
         """Wait for every pending :meth:`put_layer_async`; raise the first error among them (in call order)."""

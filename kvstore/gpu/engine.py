@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib.resources
 import pathlib
 import threading
+from collections.abc import Callable
 
 import cupy
 import numpy as np
@@ -194,6 +195,36 @@ class GpuEngine:
             out.get(stream=self.stream, out=host_out, blocking=False)
         self._keep_hash = (ops, out)
         return host_out
+
+    def copy_hash_segments_queued(self, table: np.ndarray) -> Callable[[], np.ndarray]:
+        """:meth:`copy_hash_segments` without waiting: returns a callable that waits for the copy
+        (its event, not the stream) and returns the hashes.  Its buffers are its own (pinned
+        memory from CuPy's pool), so later launches may be queued before it is called."""
+        import cupyx
+
+        rows = np.asarray(table, dtype=np.uint64).reshape(-1, 3)
+        n = len(rows)
+        host_ops = cupyx.empty_pinned((max(n, 1), 3), dtype=np.uint64)
+        host_out = cupyx.empty_pinned(max(n, 1), dtype=np.uint64)
+        host_ops[:n] = rows
+        with cupy.cuda.Device(self.device), self.stream:
+            ops = cupy.empty((max(n, 1), 3), dtype=cupy.uint64)
+            ops.set(host_ops, stream=self.stream)
+            out = cupy.empty(max(n, 1), dtype=cupy.uint64)
+            if n:
+                grid = min(n, self._sms * 8)
+                self._copy_hash((grid,), (256,), (ops, np.int64(n), out), stream=self.stream)
+            out.get(stream=self.stream, out=host_out, blocking=False)
+            done = cupy.cuda.Event(disable_timing=True)
+            done.record(self.stream)
+        buffers = [host_ops, ops, out]  # alive until the copy is done
+
+        def finish() -> np.ndarray:
+            done.synchronize()
+            buffers.clear()
+            return host_out[:n].copy()
+
+        return finish
 
     def _hash_buffers(self, n: int, width: int = 2) -> tuple[np.ndarray, np.ndarray]:
         """Pinned host memory for ``n`` ops of ``width`` words and their results (grown on demand, kept)."""

@@ -25,6 +25,7 @@ import collections
 import contextlib
 import dataclasses
 import threading
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -59,6 +60,9 @@ class GpuPlan:
     canonical: arrays.ArrayInfo | None = None  # [len(layers)][num_pages][shard_bytes], C-contiguous
     pools: list[layouts.PoolGeometry] | None = None  # one per layer of the plan
     producer_stream: int | None = None  # stream the caller's array was last written on (if it said)
+    # False: a write returns once its copy is queued, with a callable that waits for it (pipelined
+    # async puts, KVStoreClient.put_layer_async); True: once the bytes have landed
+    wait: bool = True
 
     def layers(self, first: int, stop: int, layer_bytes: int) -> GpuPlan:
         """The plan of layers ``[first, stop)`` of this one (a streamed read of some layers)."""
@@ -174,12 +178,13 @@ def _canonical_table(
     return table
 
 
-def write_hashed(plan: CopyPlan, batch: NodeBatch, slots_address: int) -> np.ndarray | None:
+def write_hashed(plan: CopyPlan, batch: NodeBatch, slots_address: int) -> RunHashes | None:
     """A canonical array's write into slots at ``slots_address``, copied and hashed by one launch.
 
-    Returns the run hashes, [layers, pages, runs], once the bytes have landed; None (nothing
-    done) when the batch does not suit the fused kernel (the caller copies and hashes apart)
-    or the benchmarks force the copy engines.  Call inside the engine's lock.
+    Returns the run hashes, [layers, pages, runs], once the bytes have landed (or, for a plan
+    that does not wait, at once a callable that waits for them and returns them); None
+    (nothing done) when the batch does not suit the fused kernel (the caller copies and
+    hashes apart) or the benchmarks force the copy engines.  Call inside the engine's lock.
     """
     gpu: GpuPlan = plan.device
     if gpu.canonical is None or RECT_WRITES:
@@ -188,6 +193,10 @@ def write_hashed(plan: CopyPlan, batch: NodeBatch, slots_address: int) -> np.nda
     if not fusable(table):
         return None
     gpu.engine.wait_for(gpu.producer_stream)
+    if not gpu.wait:
+        finish = gpu.engine.copy_hash_segments_queued(table.reshape(-1, 3))
+        shape = table.shape[:3]
+        return lambda: finish().reshape(shape)  # type: ignore[return-value]
     gpu.engine.begin()
     hashes = gpu.engine.copy_hash_segments(table.reshape(-1, 3))
     gpu.engine.sync()
@@ -337,8 +346,11 @@ def shm_write(transport: ShmTransport, batch: NodeBatch, plan: CopyPlan, threads
     gpu: GpuPlan = plan.device
     with gpu.engine:
         fused = write_hashed(plan, batch, _pool_device_data(transport, gpu.device))
-        if fused is not None:
-            return fused
+    if callable(fused):  # queued, not landed: the pool stays mapped until the copy is done
+        return hold_until_done(transport.in_use(), fused)
+    if fused is not None:
+        return fused
+    with gpu.engine:
         if gpu.canonical is not None:
             on_device = run_hashes_on_device(plan, batch, None)  # from HBM, ahead of the copies
             _to_slots(plan, batch, _pool_device_data(transport, gpu.device), True)
@@ -358,6 +370,22 @@ def shm_write(transport: ShmTransport, batch: NodeBatch, plan: CopyPlan, threads
             return native.hash_ranges(ranges, threads).reshape(runs.shape[:3])
         finally:
             hold.close()
+
+    return hashes
+
+
+def hold_until_done(
+    held: contextlib.AbstractContextManager[Any], finish: Callable[[], np.ndarray]
+) -> Callable[[], np.ndarray]:
+    """``finish`` (waits for a queued write, returns its hashes) run inside ``held`` (a mapping kept open)."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(held)
+
+    def hashes() -> np.ndarray:
+        try:
+            return finish()
+        finally:
+            stack.close()
 
     return hashes
 

@@ -123,6 +123,8 @@ class CudaIpcTransport(MappedRegionTransport):
             return self._fallback.write(batch, plan)
         with gpu.engine:
             fused = transfer.write_hashed(plan, batch, region)
+            if callable(fused):  # queued, not landed: the mapping stays open until the copy is done
+                return transfer.hold_until_done(self.in_use(), fused)
             if fused is not None:
                 return fused
             transfer._to_slots(plan, batch, region, True)

@@ -388,3 +388,22 @@ def test_gpu_put_commits_the_checksums_of_its_bytes(cluster, client, namespace):
     expected = set(row_hashes(whole).tolist()) | set(shard_checksums(run_hashes, 2).tolist())
     address = cluster.nodes[0].control_address
     wait_for(lambda: expected <= committed_checksums(address), 5.0, "the GPU put's checksums on the node")
+
+
+@pytest.mark.parametrize("transport", ["shm", "tcp"])
+def test_async_gpu_puts_pipeline_and_complete_once_landed(cluster, client, namespace, transport):
+    """put_layer_async of GPU tensors: copies are queued back to back; each future completes once its bytes landed."""
+    writer = client(cluster, namespace, transport=transport)
+    layout = _namespace(writer)
+    tokens = prompt(91, 7 * PAGE)
+    rng = np.random.default_rng(91)
+    host = [rng.integers(0, 256, (7, layout.segment_bytes), dtype=np.uint8) for _ in range(3)]
+    futures = [writer.put_layer_async(tokens, layer, cupy.asarray(host[layer])) for layer in range(3)]
+    assert [f.result(30) for f in futures] == [7, 7, 7]
+    writer.flush()
+    reader = client(cluster, namespace, transport=transport)
+    out = cupy.zeros((3, 7, layout.segment_bytes), dtype=cupy.uint8)
+    assert reader.get_prefix(tokens, out=out).num_pages == 7
+    assert np.array_equal(cupy.asnumpy(out), np.stack(host))
+    committed = committed_checksums(cluster.nodes[0].control_address)
+    assert set(row_hashes(np.stack(host).reshape(-1, layout.segment_bytes)).tolist()) <= committed
