@@ -173,33 +173,19 @@ class GpuEngine:
         return host_out
 
     def copy_hash_segments(self, table: np.ndarray) -> np.ndarray:
-        """Queue one launch that copies every (dst, src, len) row and hashes its bytes as it goes.
+        """One launch that copies every (dst, src, len) row and hashes its bytes as it goes; waits for it.
 
         The hashes are :meth:`hash_ranges`' values, from the registers the copy already holds:
         no second pass over the bytes, no second kernel.  Rows must pass :func:`fusable`.
-        Returns a pinned host array that holds the hashes after :meth:`sync` (reused by the
-        next call: copy it out).
         """
-        rows = np.asarray(table, dtype=np.uint64).reshape(-1, 3)
-        n = len(rows)
-        if n == 0:
-            return np.empty(0, dtype=np.uint64)
-        host_ops, host_out = self._hash_buffers(n, 3)
-        host_ops[:] = rows
-        with cupy.cuda.Device(self.device), self.stream:
-            ops = cupy.empty((n, 3), dtype=cupy.uint64)
-            ops.set(host_ops, stream=self.stream)
-            out = cupy.empty(n, dtype=cupy.uint64)
-            grid = min(n, self._sms * 8)
-            self._copy_hash((grid,), (256,), (ops, np.int64(n), out), stream=self.stream)
-            out.get(stream=self.stream, out=host_out, blocking=False)
-        self._keep_hash = (ops, out)
-        return host_out
+        finish = self.copy_hash_segments_queued(table)
+        self.sync()
+        return finish()
 
     def copy_hash_segments_queued(self, table: np.ndarray) -> Callable[[], np.ndarray]:
-        """:meth:`copy_hash_segments` without waiting: returns a callable that waits for the copy
-        (its event, not the stream) and returns the hashes.  Its buffers are its own (pinned
-        memory from CuPy's pool), so later launches may be queued before it is called."""
+        """Queue :meth:`copy_hash_segments`; returns a callable that waits for the copy (its
+        event, not the stream) and returns the hashes.  Its buffers are its own (pinned memory
+        from CuPy's pool), so later launches may be queued before it is called."""
         import cupyx
 
         rows = np.asarray(table, dtype=np.uint64).reshape(-1, 3)
@@ -226,14 +212,13 @@ class GpuEngine:
 
         return finish
 
-    def _hash_buffers(self, n: int, width: int = 2) -> tuple[np.ndarray, np.ndarray]:
-        """Pinned host memory for ``n`` ops of ``width`` words and their results (grown on demand, kept)."""
-        need = (width + 1) * n
-        if self._hash_pinned is None or len(self._hash_pinned) < need:
+    def _hash_buffers(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """Pinned host memory for ``n`` (address, length) ops and their results (grown on demand, kept)."""
+        if self._hash_pinned is None or len(self._hash_pinned) < 3 * n:
             import cupyx
 
-            self._hash_pinned = cupyx.empty_pinned(max(need, 4 << 14), dtype=np.uint64)
-        return self._hash_pinned[: width * n].reshape(n, width), self._hash_pinned[width * n : need]
+            self._hash_pinned = cupyx.empty_pinned(max(3 * n, 3 << 14), dtype=np.uint64)
+        return self._hash_pinned[: 2 * n].reshape(n, 2), self._hash_pinned[2 * n : 3 * n]
 
     def copy_rects(self, rects: np.ndarray) -> None:
         """Queue one cudaMemcpy2DAsync per (dst, dst_pitch, src, src_pitch, width, height) row.

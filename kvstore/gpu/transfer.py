@@ -198,9 +198,7 @@ def write_hashed(plan: CopyPlan, batch: NodeBatch, slots_address: int) -> RunHas
         shape = table.shape[:3]
         return lambda: finish().reshape(shape)  # type: ignore[return-value]
     gpu.engine.begin()
-    hashes = gpu.engine.copy_hash_segments(table.reshape(-1, 3))
-    gpu.engine.sync()
-    return hashes.reshape(table.shape[:3]).copy()
+    return gpu.engine.copy_hash_segments(table.reshape(-1, 3)).reshape(table.shape[:3])
 
 
 def _slot_addrs(plan: CopyPlan, batch: NodeBatch, data_address: int) -> np.ndarray:
