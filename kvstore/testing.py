@@ -490,7 +490,8 @@ class Cluster:
         process = ManagedProcess(f"{node.node_id}#{generation}", argv, NODE_READY, log, self._env)
         node.process = process
         node.history.append(process)
-        match = process.wait_ready(self.startup_timeout)
+        # a node pre-faults its pool before it is ready: first touch runs at ~1 GB/s here and on the H100 host
+        match = process.wait_ready(self.startup_timeout + self.dram / 1e9)
         node.data_address, node.control_address = match.group(2), match.group(3)
 
     def stop(self, check: bool = True) -> None:

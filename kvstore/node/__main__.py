@@ -24,12 +24,14 @@ import os
 import signal
 import socket
 import sys
+import time
 
 import grpc
 
 from kvstore import config, hostid, logs
 from kvstore._proto import kvstore_pb2 as pb
 from kvstore._proto import kvstore_pb2_grpc as pb_grpc
+from kvstore.config import format_size
 from kvstore.errors import KVStoreError
 from kvstore.metadata import MetadataBackend, NodeRegistration, create_backend
 from kvstore.node.data_server import DataServer, open_listener
@@ -46,6 +48,7 @@ log = logging.getLogger("kvstore.node")
 # A TCP data request may carry this many times the largest gRPC message.
 DATA_REQUEST_FACTOR = 64
 SHUTDOWN_GRACE_S = 1.0
+PREFAULT_NOTICE_BYTES = 4 << 30  # pools this large say when their pre-fault starts and ends
 
 
 def join_host_port(host: str, port: int) -> str:
@@ -136,7 +139,12 @@ async def run_node(cfg: config.Config) -> None:
         node_id = cfg.node_id or f"{socket.gethostname()}-{data_port}"
         os.makedirs(cfg.shm_dir, exist_ok=True)
         # Prefaulting a large pool takes seconds: keep it off the loop so signals are still handled.
+        if cfg.prefault and data_bytes >= PREFAULT_NOTICE_BYTES:
+            log.info("pre-faulting the %s DRAM pool (about 1 s per GB)", format_size(data_bytes))
+        started = time.monotonic()
         pool = await asyncio.to_thread(DramPool.create, cfg.shm_dir, node_id, data_bytes, cfg.prefault)
+        if cfg.prefault and data_bytes >= PREFAULT_NOTICE_BYTES:
+            log.info("DRAM pool ready in %.1f s", time.monotonic() - started)
         cleanup.callback(pool.close, True)
 
         state = NodeState(node_id, pool.header.incarnation, secret)
