@@ -138,14 +138,13 @@ class Mover:
             addresses = np.uint64(src.tier.data_address) + src_slots
             sums = native.hash_ranges(np.stack((addresses, sizes), axis=1), self._threads)
             dst.tier.write_from(dst_slots, addresses, sizes)  # type: ignore[attr-defined]
-            dst.tier.checksums[(dst_slots // SLOT_UNIT).astype(np.int64)] = sums  # type: ignore[attr-defined]
+            dst.tier.remember(dst_slots, sums)  # type: ignore[attr-defined]
             return np.ones(len(src_slots), dtype=bool)
         if kinds == ("nvme", "dram"):
             addresses = np.uint64(dst.tier.data_address) + dst_slots
             src.tier.read_into(src_slots, addresses, sizes)  # type: ignore[attr-defined]
             sums = native.hash_ranges(np.stack((addresses, sizes), axis=1), self._threads)
-            expected = src.tier.checksums[(src_slots // SLOT_UNIT).astype(np.int64)]  # type: ignore[attr-defined]
-            good = sums == expected
+            good = src.tier.verify(src_slots, sums)  # type: ignore[attr-defined]
             if not good.all():
                 log.warning(
                     "%d slots read back from NVMe failed their checksum", int(np.count_nonzero(~good))

@@ -17,11 +17,14 @@ import abc
 import contextlib
 import fcntl
 import logging
+import mmap
 import os
 import time
 from collections.abc import Iterator
 
 import numpy as np
+
+from kvstore.errors import ErrorCode, KVStoreError
 
 log = logging.getLogger("kvstore.tiers")
 
@@ -47,6 +50,32 @@ def created_locked(staging: str, path: str) -> Iterator[int]:
         for leftover in (staging, path):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(leftover)
+        raise
+
+
+def map_region_file(path: str, min_bytes: int, writable: bool, what: str) -> tuple[int, mmap.mmap, int]:
+    """(fd, mapping, size) of another process's region file (a pool, a VRAM generation table).
+
+    STALE_INCARNATION when it cannot be opened or is shorter than ``min_bytes``: the
+    owner is gone or restarted.  A writable mapping is populated now (MAP_POPULATE: the
+    first copy into a fresh mapping otherwise runs at a fifth of memcpy speed, measured).
+    The caller checks the header's incarnation and closes both on a mismatch.
+    """
+    try:
+        fd = os.open(path, os.O_RDWR if writable else os.O_RDONLY)
+    except OSError as exc:
+        raise KVStoreError(ErrorCode.STALE_INCARNATION, f"cannot open {what} {path}: {exc.strerror}") from exc
+    try:
+        size = os.fstat(fd).st_size
+        if size < min_bytes:
+            raise KVStoreError(ErrorCode.STALE_INCARNATION, f"{what} {path} is truncated")
+        if writable:
+            flags, prot = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0), mmap.PROT_READ | mmap.PROT_WRITE
+        else:
+            flags, prot = mmap.MAP_SHARED, mmap.PROT_READ
+        return fd, mmap.mmap(fd, size, flags, prot), size
+    except BaseException:
+        os.close(fd)
         raise
 
 
@@ -98,6 +127,34 @@ def sweep_region_files(directory: str, prefix: str, staging_prefix: str, what: s
         if remove_if_orphaned(path, what):
             removed.append(path)
     return removed
+
+
+class SlotChecksums:
+    """The xxh3 of each slot's bytes as a node move wrote them (at the slot's first unit).
+
+    Regions whose slots a node copies into and out of (VRAM, NVMe) keep it so that the
+    copy back out is verified.  ``UNKNOWN_PASSES``: a slot written by a client, not a
+    move, has no recorded sum (0) and passes (VRAM); NVMe is written by moves only.
+    """
+
+    UNKNOWN_PASSES = False
+    checksums: np.ndarray
+
+    def _init_checksums(self, capacity: int) -> None:
+        self.checksums = np.zeros(capacity // SLOT_UNIT, dtype=np.uint64)
+
+    def remember(self, slot_offsets: np.ndarray, sums: np.ndarray) -> None:
+        self.checksums[_units(slot_offsets)] = sums
+
+    def verify(self, slot_offsets: np.ndarray, sums: np.ndarray) -> np.ndarray:
+        """Which slots' bytes (hashed as ``sums``) are the ones remembered."""
+        stored = self.checksums[_units(slot_offsets)]
+        good = stored == sums
+        return np.asarray(good | (stored == 0) if self.UNKNOWN_PASSES else good)
+
+
+def _units(slot_offsets: np.ndarray) -> np.ndarray:
+    return (np.asarray(slot_offsets, dtype=np.uint64) // SLOT_UNIT).astype(np.int64)
 
 
 class Tier(abc.ABC):

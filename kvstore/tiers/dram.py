@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from kvstore.errors import ErrorCode, KVStoreError
-from kvstore.tiers.base import Tier, created_locked, sweep_region_files
+from kvstore.tiers.base import Tier, created_locked, map_region_file, sweep_region_files
 
 log = logging.getLogger("kvstore.tiers.dram")
 
@@ -133,24 +133,7 @@ class DramPool(Tier):
     @classmethod
     def attach(cls, path: str, incarnation: bytes) -> DramPool:
         """Map another process's pool; raises STALE_INCARNATION if it is not the named incarnation."""
-        try:
-            fd = os.open(path, os.O_RDWR)
-        except OSError as exc:
-            raise KVStoreError(
-                ErrorCode.STALE_INCARNATION, f"cannot open pool {path}: {exc.strerror}"
-            ) from exc
-        try:
-            size = os.fstat(fd).st_size
-            if size < HEADER_BYTES:
-                raise KVStoreError(ErrorCode.STALE_INCARNATION, f"pool {path} is truncated")
-            # MAP_POPULATE builds the page tables now: the first copy into a fresh
-            # mapping otherwise runs at a fifth of memcpy speed (measured).
-            mm = mmap.mmap(
-                fd, size, mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0), mmap.PROT_READ | mmap.PROT_WRITE
-            )
-        except BaseException:
-            os.close(fd)
-            raise
+        fd, mm, size = map_region_file(path, HEADER_BYTES, True, "pool")
         header = read_header(mm)
         if header.incarnation != incarnation or header.data_offset + header.data_bytes > size:
             mm.close()

@@ -33,13 +33,14 @@ import mmap
 import os
 import threading
 import uuid
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 from kvstore.config import parse_size
 from kvstore.errors import ErrorCode, KVStoreError
-from kvstore.tiers.base import SLOT_UNIT, Tier, created_locked, sweep_region_files
+from kvstore.tiers.base import SLOT_UNIT, SlotChecksums, Tier, created_locked, sweep_region_files
 
 log = logging.getLogger("kvstore.tiers.nvme")
 
@@ -102,7 +103,7 @@ def _split_by_bytes(ops: np.ndarray, parts: int) -> list[np.ndarray]:
     return [p for p in pieces if len(p)]
 
 
-class NvmeRegion(Tier):
+class NvmeRegion(SlotChecksums, Tier):
     """A node's NVMe region: a locked, preallocated file and its I/O threads."""
 
     tier = "nvme"
@@ -117,8 +118,7 @@ class NvmeRegion(Tier):
         self._pool = ThreadPoolExecutor(self.io_threads, thread_name_prefix="kvstore-nvme")
         units = capacity // SLOT_UNIT
         self.generations = np.zeros(units, dtype=np.uint32)
-        # xxh3 of each slot's bytes as demoted (at the slot's first unit)
-        self.checksums = np.zeros(units, dtype=np.uint64)
+        self._init_checksums(capacity)  # each slot's xxh3 as demoted
         self.bytes_written = 0
         self.bytes_read = 0
         self._lock = threading.Lock()
@@ -188,21 +188,29 @@ class NvmeRegion(Tier):
     # -- I/O (blocking: call from a worker thread)
     def write_from(self, slot_offsets: np.ndarray, addresses: np.ndarray, lengths: np.ndarray) -> int:
         """Write ``lengths`` bytes at host ``addresses`` to the slots; returns bytes written."""
-        self.check_range(slot_offsets, lengths)
-        ops = coalesce(np.asarray(slot_offsets), np.asarray(addresses), np.asarray(lengths))
-        done = sum(self._pool.map(self._write_ops, _split_by_bytes(ops, self.io_threads)))
+        done = self._on_io_threads(self._write_ops, slot_offsets, addresses, lengths)
         with self._lock:
             self.bytes_written += done
         return done
 
     def read_into(self, slot_offsets: np.ndarray, addresses: np.ndarray, lengths: np.ndarray) -> int:
         """Read the slots' first ``lengths`` bytes into host ``addresses``; returns bytes read."""
-        self.check_range(slot_offsets, lengths)
-        ops = coalesce(np.asarray(slot_offsets), np.asarray(addresses), np.asarray(lengths))
-        done = sum(self._pool.map(self._read_ops, _split_by_bytes(ops, self.io_threads)))
+        done = self._on_io_threads(self._read_ops, slot_offsets, addresses, lengths)
         with self._lock:
             self.bytes_read += done
         return done
+
+    def _on_io_threads(
+        self,
+        run: Callable[[np.ndarray], int],
+        slot_offsets: np.ndarray,
+        addresses: np.ndarray,
+        lengths: np.ndarray,
+    ) -> int:
+        """Coalesced (slot offset, address, length) ops, split into equal shares of bytes per I/O thread."""
+        self.check_range(slot_offsets, lengths)
+        ops = coalesce(np.asarray(slot_offsets), np.asarray(addresses), np.asarray(lengths))
+        return sum(self._pool.map(run, _split_by_bytes(ops, self.io_threads)))
 
     def _write_ops(self, ops: np.ndarray) -> int:
         total = 0

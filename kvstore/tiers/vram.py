@@ -42,7 +42,14 @@ import numpy as np
 
 from kvstore.config import parse_size
 from kvstore.errors import ErrorCode, KVStoreError
-from kvstore.tiers.base import SLOT_UNIT, Tier, created_locked, sweep_region_files
+from kvstore.tiers.base import (
+    SLOT_UNIT,
+    SlotChecksums,
+    Tier,
+    created_locked,
+    map_region_file,
+    sweep_region_files,
+)
 
 log = logging.getLogger("kvstore.tiers.vram")
 
@@ -136,20 +143,7 @@ class GenerationFile:
     @classmethod
     def attach(cls, path: str, incarnation: bytes) -> GenerationFile:
         """A reader's read-only view; STALE_INCARNATION unless the header names ``incarnation``."""
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except OSError as exc:
-            raise KVStoreError(
-                ErrorCode.STALE_INCARNATION, f"cannot open VRAM generation file {path}: {exc.strerror}"
-            ) from exc
-        try:
-            size = os.fstat(fd).st_size
-            if size < GEN_HEADER_BYTES:
-                raise KVStoreError(ErrorCode.STALE_INCARNATION, f"VRAM generation file {path} is truncated")
-            mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ)
-        except BaseException:
-            os.close(fd)
-            raise
+        fd, mm, size = map_region_file(path, GEN_HEADER_BYTES, False, "VRAM generation file")
         magic, version, owner_incarnation, region_bytes, entries, _ = _GEN_HEADER.unpack_from(mm, 0)
         if (
             magic != GEN_MAGIC
@@ -185,8 +179,11 @@ def sweep_orphans(directory: str) -> list[str]:
     return sweep_region_files(directory, GEN_PREFIX, GEN_STAGING_PREFIX, "VRAM generation file")
 
 
-class VramRegion(Tier):
+class VramRegion(SlotChecksums, Tier):
     tier = "vram"
+    UNKNOWN_PASSES = (
+        True  # a client's IPC write leaves no sum; the demotion's copy is checked against those it has
+    )
     data_address = 0  # device memory: not addressable by the native host copy engine
 
     def __init__(self, capacity: int, device: int, generation_file: GenerationFile | None = None) -> None:
@@ -215,7 +212,7 @@ class VramRegion(Tier):
         self.bytes_read = 0
         self._staging: Any = None  # kvstore.gpu.hostreg.StagingBuffer of the data server, made at first use
         self._staging_lock = threading.Lock()
-        self.checksums = np.zeros(units, dtype=np.uint64)  # 0: unknown (written by a client)
+        self._init_checksums(capacity)
         log.info("vram region: %d bytes on GPU %d", capacity, device)
 
     @property
@@ -282,13 +279,6 @@ class VramRegion(Tier):
         """Host memory -> slots (``host_span`` as for :meth:`copy_to_host`)."""
         dsts = np.uint64(self.device_address) + np.asarray(slot_offsets, dtype=np.uint64)
         self._copies(dsts, np.asarray(addresses, dtype=np.uint64), np.asarray(sizes), _H2D, host_span)
-
-    def remember(self, slot_offsets: np.ndarray, sums: np.ndarray) -> None:
-        self.checksums[(np.asarray(slot_offsets, dtype=np.uint64) // SLOT_UNIT).astype(np.int64)] = sums
-
-    def verify(self, slot_offsets: np.ndarray, sums: np.ndarray) -> np.ndarray:
-        stored = self.checksums[(np.asarray(slot_offsets, dtype=np.uint64) // SLOT_UNIT).astype(np.int64)]
-        return np.asarray((stored == 0) | (stored == sums))
 
     # -- the TCP data server's path (kvstore.node.data_server): stage through pinned host memory
     @contextlib.contextmanager
