@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import os
 import threading
 from abc import ABC, abstractmethod
@@ -27,6 +28,8 @@ import numpy as np
 from kvstore._proto import kvstore_pb2 as pb
 from kvstore.errors import ErrorCode, KVStoreError
 from kvstore.layout import Layout, copy_table
+
+log = logging.getLogger("kvstore.transports")
 
 NO_NODE = 0xFFFF
 RunHashes = np.ndarray | Callable[[], np.ndarray]
@@ -240,6 +243,31 @@ class MappedRegionTransport(Transport):
     @abstractmethod
     def _release(self) -> None:
         """Unmap the region (once, with no transfer running)."""
+
+    @abstractmethod
+    def slot_generations(self, slot_offsets: np.ndarray) -> np.ndarray:
+        """The region's current generation of each slot (its shared generation table)."""
+
+    def check_before_write(self, batch: NodeBatch) -> None:
+        """A one-sided write goes only into slots still at the generations its session was given."""
+        if not np.array_equal(self.slot_generations(batch.slot_offsets), batch.generations):
+            raise KVStoreError(
+                ErrorCode.SESSION_NOT_FOUND,
+                f"slots of the {self._what} were freed or reassigned: the put session was lost",
+            )
+
+    def intact_after_read(self, batch: NodeBatch) -> int:
+        """Pages of a completed one-sided read that are good: up to the first slot whose generation moved
+        (it held someone else's bytes at some point of the copy)."""
+        changed = np.flatnonzero(self.slot_generations(batch.slot_offsets) != batch.generations)
+        if len(changed):
+            log.debug(
+                "%s: slot generation changed under a read at page %d",
+                self._what,
+                int(batch.pages[changed[0]]),
+            )
+            return int(changed[0])
+        return len(batch)
 
     @contextlib.contextmanager
     def in_use(self) -> Iterator[None]:

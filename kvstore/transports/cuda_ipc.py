@@ -112,11 +112,7 @@ class CudaIpcTransport(MappedRegionTransport):
         from kvstore.gpu import transfer
 
         self._check_slots(batch, plan)
-        if not np.array_equal(self.generations.generation(batch.slot_offsets), batch.generations):
-            raise KVStoreError(
-                ErrorCode.SESSION_NOT_FOUND,
-                f"VRAM slots on node {batch.node.node_id} were freed or reassigned: the put session was lost",
-            )
+        self.check_before_write(batch)
         gpu = plan.device
         region = self.region_pointer(gpu.device)
         if region is None:
@@ -146,17 +142,10 @@ class CudaIpcTransport(MappedRegionTransport):
         with gpu.engine:
             transfer._to_slots(plan, batch, region, False)
             gpu.engine.sync()
-        # Re-read after the copy has completed: a slot whose generation moved held someone else's bytes.
-        after = self.generations.generation(batch.slot_offsets)
-        changed = np.flatnonzero(after != batch.generations)
-        if len(changed):
-            log.debug(
-                "node %s: VRAM slot generation changed under a read at page %d",
-                batch.node.node_id,
-                int(batch.pages[changed[0]]),
-            )
-            return int(changed[0])
-        return len(batch)
+        return self.intact_after_read(batch)
+
+    def slot_generations(self, slot_offsets: np.ndarray) -> np.ndarray:
+        return self.generations.generation(slot_offsets)
 
 
 def attach(node: pb.NodeRef, fallback: Transport, copy_threads: int = 1) -> CudaIpcTransport | None:

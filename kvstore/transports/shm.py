@@ -13,7 +13,6 @@ import logging
 import numpy as np
 
 from kvstore import native
-from kvstore.errors import ErrorCode, KVStoreError
 from kvstore.gpu import release_host_memory
 from kvstore.tiers.dram import DramPool
 from kvstore.transports.base import CopyPlan, MappedRegionTransport, NodeBatch, RunHashes, check_batch
@@ -42,12 +41,7 @@ class ShmTransport(MappedRegionTransport):
 
     def write(self, batch: NodeBatch, plan: CopyPlan) -> RunHashes:
         self._check_slots(batch, plan)
-        current = self.pool.generation(batch.slot_offsets)
-        if not np.array_equal(current, batch.generations):
-            raise KVStoreError(
-                ErrorCode.SESSION_NOT_FOUND,
-                f"slots on node {batch.node.node_id} were freed or reassigned: the put session was lost",
-            )
+        self.check_before_write(batch)
         if plan.device is not None:  # GPU memory: one kernel into the registered pool
             from kvstore.gpu import transfer
 
@@ -68,14 +62,7 @@ class ShmTransport(MappedRegionTransport):
             slot_addrs = np.uint64(self.pool.data_address) + batch.slot_offsets
             table = plan.table(batch, slot_addrs, to_slots=False, buf_addr=plan.address)
             native.copy(table.reshape(-1, 3), threads=self._threads)
-        # Re-read after the copy: a slot whose generation moved held someone else's bytes at some point.
-        after = self.pool.generation(batch.slot_offsets)
-        changed = np.flatnonzero(after != batch.generations)
-        if len(changed):
-            log.debug(
-                "node %s: slot generation changed under a read at page %d",
-                batch.node.node_id,
-                int(batch.pages[changed[0]]),
-            )
-            return int(changed[0])
-        return len(batch)
+        return self.intact_after_read(batch)
+
+    def slot_generations(self, slot_offsets: np.ndarray) -> np.ndarray:
+        return self.pool.generation(slot_offsets)
