@@ -132,17 +132,21 @@ def _sync(lib: str) -> None:
         cupy.cuda.runtime.deviceSynchronize()
 
 
+def _bench_client(master: str, transport: str, switch_ms: float) -> Any:
+    """The writer's or reader's client (8 copy threads), with the process's GIL switch interval set."""
+    from kvstore.client import KVStoreClient
+    from kvstore.config import load
+
+    _switch_interval(switch_ms)
+    return KVStoreClient(
+        master, namespace=NAMESPACE, config=load({"transport": transport, "copy_threads": 8}, environ={})
+    )
+
+
 def writer(
     master: str, pages: int, layers: int, reps: int, lib: str, transport: str, switch_ms: float = 0.0
 ) -> dict[str, Any]:
-    from kvstore.client import KVStoreClient
-
-    _switch_interval(switch_ms)
-    from kvstore.config import load
-
-    client = KVStoreClient(
-        master, namespace=NAMESPACE, config=load({"transport": transport, "copy_threads": 8}, environ={})
-    )
+    client = _bench_client(master, transport, switch_ms)
     seg = client.layout.segment_bytes
     kv = [_gpu_tensor(lib, pages, seg, True) for _ in range(layers)]
     _sync(lib)
@@ -390,14 +394,7 @@ def baselines(pool_path: str, incarnation: bytes, pages: int, seg: int, reps: in
 def reader(
     master: str, pages: int, layers: int, reps: int, lib: str, transport: str, switch_ms: float = 0.0
 ) -> dict[str, Any]:
-    from kvstore.client import KVStoreClient
-
-    _switch_interval(switch_ms)
-    from kvstore.config import load
-
-    client = KVStoreClient(
-        master, namespace=NAMESPACE, config=load({"transport": transport, "copy_threads": 8}, environ={})
-    )
+    client = _bench_client(master, transport, switch_ms)
     seg = client.layout.segment_bytes
     out = _gpu_tensor(lib, pages, seg, False)
     warm = prompt(999, 4 * PAGE)
