@@ -74,3 +74,13 @@ def recv_ranges(sock: socket.socket, ranges: np.ndarray, with_hashes: bool = Fal
 
 def address_of(array: np.ndarray) -> int:
     return int(array.ctypes.data)
+
+
+def first_moved(table: np.ndarray, units: np.ndarray, expected: np.ndarray) -> int:
+    """The first i where ``table[units[i]] != expected[i]`` (u32 generations; an index outside the
+    table counts as moved), or -1 when none moved."""
+    return _native.first_moved(
+        np.ascontiguousarray(table, dtype=np.uint32),
+        np.ascontiguousarray(units, dtype=np.int64),
+        np.ascontiguousarray(expected, dtype=np.uint32),
+    )

@@ -334,8 +334,12 @@ kvs_xxh3_64_warp(const u64* __restrict__ ops, long long n, u64* __restrict__ out
 }
 
 // ---------------------------------------------------------------------------------------------
-// Copy and hash in one pass: ops are n rows of (dst, src, len) with dst, src and len multiples
-// of 16 and len > 240; out[i] is XXH3_64bits of row i's bytes (as kvs_xxh3_64 computes it).
+// Copy and hash in one pass: ops are n rows of (dst, src, len), the addresses dst_base + dst and
+// src_base + src (a put session's table is kept on the device and reused for each layer and
+// caller array: only the bases change), all multiples of 16 and len > 240; out[i] is
+// XXH3_64bits of row i's bytes (as kvs_xxh3_64 computes it).  With ``gens`` (a region's u32
+// generation table, mapped host memory), row i is copied only while gens[checks[2i]] equals
+// checks[2i + 1]; a row whose slot moved is skipped, and out[n] (zeroed by the caller) counts them.
 // The copy keeps the copy kernel's access pattern (contiguous 16-byte vectors across the
 // block, four in flight per thread); the hash is summed from the same registers: thread t of
 // a 4 KiB step holds the 16 bytes of stripe (t / 4) % 16, lanes 2 (t % 4) and 2 (t % 4) + 1,
@@ -346,7 +350,8 @@ kvs_xxh3_64_warp(const u64* __restrict__ ops, long long n, u64* __restrict__ out
 #define XXH_FUSED_UNROLL 4  // steps of 4 KiB per round: 16 XXH3 blocks
 
 extern "C" __global__ void __launch_bounds__(XXH_FUSED_THREADS)
-kvs_copy_hash_segments(const u64* __restrict__ ops, long long n, u64* __restrict__ out) {
+kvs_copy_hash_segments(const u64* __restrict__ ops, long long n, u64* __restrict__ out, u64 dst_base,
+                       u64 src_base, const long long* __restrict__ checks, const unsigned int* gens) {
     __shared__ u64 keys[24];
     __shared__ u64 last_keys[8];
     // [block of the round][half of the XXH3 block (a warp each)][lane]
@@ -356,10 +361,26 @@ kvs_copy_hash_segments(const u64* __restrict__ ops, long long n, u64* __restrict
     if (t < 24) keys[t] = xxh_secret64(8 * t);
     if (t < 8) last_keys[t] = xxh_secret64(121 + 8 * t);
     __syncthreads();
+    __shared__ int moved;
     const int k = t & 3, stripe = (t >> 2) & 15, xblock = t >> 6, half = (t >> 5) & 1;
     for (long long op = blockIdx.x; op < n; op += gridDim.x) {
-        vec16* dst = (vec16*)ops[3 * op];
-        const vec16* src = (const vec16*)ops[3 * op + 1];
+        if (gens != nullptr) {
+            // the slot must still be at the generation the put was given, read from the region's
+            // table (host memory, updated by the node) right before its bytes move
+            if (t == 0) moved = ((volatile const unsigned int*)gens)[checks[2 * op]] != (unsigned int)checks[2 * op + 1];
+            __syncthreads();
+            const int skip = moved;
+            __syncthreads();
+            if (skip) {
+                if (t == 0) {
+                    out[op] = 0;
+                    atomicAdd(out + n, 1ULL);
+                }
+                continue;
+            }
+        }
+        vec16* dst = (vec16*)(dst_base + ops[3 * op]);
+        const vec16* src = (const vec16*)(src_base + ops[3 * op + 1]);
         const u64 len = ops[3 * op + 2];
         const u64 full_blocks = (len - 1) / 1024;
         const u64 tail_stripes = ((len - 1) - 1024 * full_blocks) / 64;

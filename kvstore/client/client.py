@@ -320,16 +320,6 @@ class KVStoreClient:
             self._key_memo.put(memo, packed)
         return packed
 
-    def _session_key(
-        self, tokens: np.ndarray, contexts: Sequence[bytes] | None, tp_rank: int, tp_size: int
-    ) -> SessionKey:
-        # One hash of the keyed tokens, not the whole key chain: put_layer runs once per layer.
-        # ``tokens`` came from as_token_array (_full_pages): not validated a second time.
-        digest = keys.validated_sequence_digest(self._root, tokens)
-        if contexts:
-            digest = xxhash.xxh3_128(digest + b"".join(_U32.pack(len(c)) + c for c in contexts)).digest()
-        return digest, tp_rank, tp_size
-
     def _full_pages(self, tokens: Any) -> tuple[np.ndarray, Layout, int]:
         """The open-client check every public call makes, then (token array, layout, number of full pages)."""
         self._check_open()
@@ -337,18 +327,35 @@ class KVStoreClient:
         layout = self.layout
         return arr, layout, arr.size // layout.page_size
 
+    def _put_tokens(self, tokens: Any) -> tuple[np.ndarray, int]:
+        """A put's open-client check, then (token source, number of full pages): the tokens are
+        converted only when a session is opened, and checked by the session key's digest."""
+        self._check_open()
+        src = keys.token_source(tokens)
+        if self._layout is None:
+            # bad tokens are reported before the namespace is first fetched (the master may be down)
+            keys.as_token_array(src)
+        return src, src.size // self.layout.page_size
+
     def _put_session_key(
         self,
-        arr: np.ndarray,
+        src: np.ndarray,
         num_pages: int,
         contexts: Sequence[bytes] | None,
         tp_rank: int,
         tp_size: int,
     ) -> tuple[np.ndarray, list[bytes] | None, SessionKey]:
-        """(keyed tokens, their page contexts, put session key): what put_layers and abort agree on."""
-        keyed = arr[: num_pages * self.layout.page_size]
+        """(keyed tokens, their page contexts, put session key): what put_layers and abort agree on.
+
+        The key is one digest of the keyed tokens (every token checked on the way), not the
+        whole key chain: put_layer runs once per layer.
+        """
+        count = num_pages * self.layout.page_size
         page_contexts = list(contexts[:num_pages]) if contexts is not None else None
-        return keyed, page_contexts, self._session_key(keyed, page_contexts, tp_rank, tp_size)
+        digest = keys.sequence_digest(self._root, src, count)
+        if page_contexts:
+            digest = xxhash.xxh3_128(digest + b"".join(_U32.pack(len(c)) + c for c in page_contexts)).digest()
+        return src[:count], page_contexts, (digest, tp_rank, tp_size)
 
     # ------------------------------------------------------------ put
     def put_layer(
@@ -388,7 +395,9 @@ class KVStoreClient:
         reader_host: str = "",
     ) -> int:
         """:meth:`put_layer` for several layers at once: ``kv`` is ``[len(layers), num_full_pages, shard_bytes]``."""
-        arr, layout, num_pages = self._full_pages(tokens)
+        src, num_pages = self._put_tokens(tokens)
+        keyed, page_contexts, key = self._put_session_key(src, num_pages, contexts, tp_rank, tp_size)
+        layout = self.layout
         layer_list = layout.check_layers(list(layers))
         if len(set(layer_list)) != len(layer_list):
             raise KVStoreError(ErrorCode.BAD_RANGE, f"layers repeat: {layer_list}")
@@ -409,11 +418,17 @@ class KVStoreClient:
             )
         if num_pages == 0:
             return 0
-        keyed, page_contexts, key = self._put_session_key(arr, num_pages, contexts, tp_rank, tp_size)
         session = self._sessions.get_or_open(
             key,
             lambda: self._open_put(
-                keyed, num_pages, page_contexts, tp_rank, tp_size, heads, reader_host, self._put_tier(side)
+                keys.as_token_array(keyed),
+                num_pages,
+                page_contexts,
+                tp_rank,
+                tp_size,
+                heads,
+                reader_host,
+                self._put_tier(side),
             ),
         )
 
@@ -681,8 +696,8 @@ class KVStoreClient:
         next :meth:`flush`, which waits for every pending async put and raises
         the first error.  :meth:`close` flushes first.
         """
-        arr, _, num_pages = self._full_pages(tokens)
-        key = self._put_session_key(arr, num_pages, contexts, tp_rank, tp_size)[2] if num_pages else None
+        src, num_pages = self._put_tokens(tokens)
+        key = self._put_session_key(src, num_pages, contexts, tp_rank, tp_size)[2] if num_pages else None
         with self._async_lock:
             if self._put_worker is None:
                 self._put_worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="kvstore-put")
@@ -757,10 +772,10 @@ class KVStoreClient:
         self, tokens: Any, tp_rank: int = 0, tp_size: int = 1, *, contexts: Sequence[bytes] | None = None
     ) -> int:
         """Give up the open put of ``tokens`` (this tp rank): its unfinished pages are freed.  Returns pages freed."""
-        arr, _, num_pages = self._full_pages(tokens)
+        src, num_pages = self._put_tokens(tokens)
         if num_pages == 0:
             return 0
-        _, _, key = self._put_session_key(arr, num_pages, contexts, tp_rank, tp_size)
+        _, _, key = self._put_session_key(src, num_pages, contexts, tp_rank, tp_size)
         session = self._sessions.drop(key)
         if session is None or not session.has_work:
             return 0

@@ -155,6 +155,27 @@ def _from_dlpack(obj: Any, device_type: int, stream: int | None) -> ArrayInfo:
     return ArrayInfo(ptr, shape, strides, itemsize, dev, False, None, (obj, capsule))
 
 
+def is_torch_cuda_tensor(obj: Any) -> bool:
+    """A PyTorch CUDA tensor, recognised without importing torch."""
+    return type(obj).__module__.startswith("torch") and getattr(obj, "is_cuda", False) is True
+
+
+def _from_torch(tensor: Any) -> ArrayInfo:
+    """A torch CUDA tensor's memory from its own accessors: torch's ``__cuda_array_interface__`` is
+    Python code that cost ~0.2 ms per put_layer on an H100 host, and refuses bfloat16."""
+    itemsize = int(tensor.element_size())
+    return ArrayInfo(
+        int(tensor.data_ptr()),
+        tuple(int(x) for x in tensor.shape),
+        tuple(int(x) * itemsize for x in tensor.stride()),
+        itemsize,
+        int(tensor.device.index),
+        False,
+        None,
+        tensor,
+    )
+
+
 def describe_device(obj: Any, stream: int | None = None) -> ArrayInfo | None:
     """The memory of a GPU array (CuPy, torch CUDA tensor, anything with the CUDA array
     interface or a CUDA DLPack device), or None when ``obj`` is not one.
@@ -162,6 +183,8 @@ def describe_device(obj: Any, stream: int | None = None) -> ArrayInfo | None:
     ``stream``: the CUDA stream the caller will use the memory on; a DLPack producer
     orders it after its own pending writes.
     """
+    if is_torch_cuda_tensor(obj):
+        return _from_torch(obj)
     cai = None
     try:
         cai = getattr(obj, "__cuda_array_interface__", None)
@@ -182,6 +205,8 @@ def is_device_array(obj: Any) -> bool:
     """True for GPU arrays, decided from attributes only (imports nothing)."""
     if isinstance(obj, np.ndarray | bytes | bytearray | memoryview):
         return False
+    if is_torch_cuda_tensor(obj):
+        return True
     try:
         if getattr(obj, "__cuda_array_interface__", None) is not None:
             return True

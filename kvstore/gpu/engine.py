@@ -11,6 +11,7 @@ loaded when a GPU array is actually passed.
 
 from __future__ import annotations
 
+import collections
 import importlib.resources
 import pathlib
 import threading
@@ -96,6 +97,7 @@ class GpuEngine:
         self._keep: cupy.ndarray | None = None
         self._keep_hash: tuple[cupy.ndarray, cupy.ndarray] | None = None
         self._hash_pinned: np.ndarray | None = None
+        self._uploads: collections.deque[tuple[cupy.cuda.Event, np.ndarray]] = collections.deque()
         # Benchmarks set ``timing``: every transfer then records the GPU time of its copies
         # (events around them), read back as ``last_copy_s`` after the sync.
         self.timing = False
@@ -186,29 +188,75 @@ class GpuEngine:
         """Queue :meth:`copy_hash_segments`; returns a callable that waits for the copy (its
         event, not the stream) and returns the hashes.  Its buffers are its own (pinned memory
         from CuPy's pool), so later launches may be queued before it is called."""
+        finish = self.copy_hash_ops_queued(self.upload_ops(table), 0, 0)
+        return lambda: finish()[0]
+
+    def upload_ops(self, table: np.ndarray, width: int = 3) -> cupy.ndarray:
+        """Rows of ``width`` u64 as a device table on this engine's stream (ordered before later launches)."""
         import cupyx
 
-        rows = np.asarray(table, dtype=np.uint64).reshape(-1, 3)
-        n = len(rows)
-        host_ops = cupyx.empty_pinned((max(n, 1), 3), dtype=np.uint64)
-        host_out = cupyx.empty_pinned(max(n, 1), dtype=np.uint64)
-        host_ops[:n] = rows
+        rows = np.asarray(table, dtype=np.uint64).reshape(-1, width)
+        host_rows = cupyx.empty_pinned(rows.shape, dtype=np.uint64)
+        host_rows[...] = rows
         with cupy.cuda.Device(self.device), self.stream:
-            ops = cupy.empty((max(n, 1), 3), dtype=cupy.uint64)
-            ops.set(host_ops, stream=self.stream)
-            out = cupy.empty(max(n, 1), dtype=cupy.uint64)
+            ops = cupy.empty(rows.shape, dtype=cupy.uint64)
+            ops.set(host_rows, stream=self.stream)
+            # the pinned rows must outlive the upload: kept until the stream passes this event
+            uploaded = cupy.cuda.Event(disable_timing=True)
+            uploaded.record(self.stream)
+        self._uploads.append((uploaded, host_rows))
+        while self._uploads and self._uploads[0][0].done:
+            self._uploads.popleft()
+        return ops
+
+    def copy_hash_ops_queued(
+        self,
+        ops: cupy.ndarray,
+        dst_base: int,
+        src_base: int,
+        checks: cupy.ndarray | None = None,
+        generations_address: int = 0,
+    ) -> Callable[[], tuple[np.ndarray, int]]:
+        """One fused copy+hash launch over a device table (:meth:`upload_ops`) of rows relative to
+        ``dst_base`` / ``src_base``; returns a callable that waits for it and returns (the hashes,
+        the number of rows skipped).
+
+        ``checks`` (a device table of (generation table index, generation) per row) and
+        ``generations_address`` (a region's u32 generation table, as the device sees it): a row
+        is copied only while its slot is still at that generation, checked by the kernel right
+        before the row's bytes move.
+        """
+        import cupyx
+
+        n = len(ops)
+        host_out = cupyx.empty_pinned(n + 1, dtype=np.uint64)
+        with cupy.cuda.Device(self.device), self.stream:
+            out = cupy.zeros(n + 1, dtype=cupy.uint64)  # out[n]: rows skipped
             if n:
                 grid = min(n, self._sms * 8)
-                self._copy_hash((grid,), (256,), (ops, np.int64(n), out), stream=self.stream)
+                self._copy_hash(
+                    (grid,),
+                    (256,),
+                    (
+                        ops,
+                        np.int64(n),
+                        out,
+                        np.uint64(dst_base),
+                        np.uint64(src_base),
+                        checks if checks is not None else np.uint64(0),
+                        np.uint64(generations_address if checks is not None else 0),
+                    ),
+                    stream=self.stream,
+                )
             out.get(stream=self.stream, out=host_out, blocking=False)
             done = cupy.cuda.Event(disable_timing=True)
             done.record(self.stream)
-        buffers = [host_ops, ops, out]  # alive until the copy is done
+        buffers = [ops, out, checks]  # alive until the copy is done
 
-        def finish() -> np.ndarray:
+        def finish() -> tuple[np.ndarray, int]:
             done.synchronize()
             buffers.clear()
-            return host_out[:n].copy()
+            return host_out[:n].copy(), int(host_out[n])
 
         return finish
 

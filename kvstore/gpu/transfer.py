@@ -81,6 +81,8 @@ class GpuPlan:
 
 
 def device_of(obj: Any) -> int:
+    if arrays.is_torch_cuda_tensor(obj):
+        return int(obj.device.index)
     dl_device = getattr(obj, "__dlpack_device__", None)
     if dl_device is not None:
         kind, ident = dl_device()
@@ -178,27 +180,101 @@ def _canonical_table(
     return table
 
 
-def write_hashed(plan: CopyPlan, batch: NodeBatch, slots_address: int) -> RunHashes | None:
+def write_hashed(
+    plan: CopyPlan, batch: NodeBatch, slots_address: int, generations_address: int | None
+) -> RunHashes | None:
     """A canonical array's write into slots at ``slots_address``, copied and hashed by one launch.
 
-    Returns the run hashes, [layers, pages, runs], once the bytes have landed (or, for a plan
-    that does not wait, at once a callable that waits for them and returns them); None
-    (nothing done) when the batch does not suit the fused kernel (the caller copies and
-    hashes apart) or the benchmarks force the copy engines.  Call inside the engine's lock.
+    ``generations_address``: the region's u32 generation table as the device sees it; the kernel
+    copies a slot's bytes only while the slot is still at the generation the batch names (the
+    one-sided write's check, done where and when the bytes move) and the write fails with
+    SESSION_NOT_FOUND if any slot moved.  None: the caller checked the generations already.  Returns the run hashes, [layers, pages, runs], once the
+    bytes have landed (or, for a plan that does not wait, at once a callable that waits for them
+    and returns them); None (nothing done, nothing checked) when the batch does not suit the fused
+    kernel (the caller checks, copies and hashes apart) or the benchmarks force the copy engines.
+    Call inside the engine's lock.
     """
     gpu: GpuPlan = plan.device
     if gpu.canonical is None or RECT_WRITES:
         return None
-    table = _canonical_table(plan, batch, _slot_run_starts(plan, batch, slots_address), 0, True)
-    if not fusable(table):
+    shape = (len(plan.layers), len(batch), plan.runs_per_shard)
+    if len(plan.layers) == 1:
+        # a put_layer: the batch's tables are on the device already from an earlier layer
+        ops, checks, aligned = _layer_ops(plan, batch)
+        dst_base = slots_address + plan.layout.segment_offset(plan.layers[0])
+        src_base = gpu.canonical.ptr
+    else:
+        table = _canonical_table(plan, batch, _slot_run_starts(plan, batch, slots_address), 0, True)
+        aligned, dst_base, src_base = fusable(table), 0, 0
+        if aligned:
+            ops, checks = (
+                gpu.engine.upload_ops(table),
+                gpu.engine.upload_ops(_generation_checks(plan, batch), 2),
+            )
+    if not aligned or (dst_base | src_base) & 15:
         return None
     gpu.engine.wait_for(gpu.producer_stream)
-    if not gpu.wait:
-        finish = gpu.engine.copy_hash_segments_queued(table.reshape(-1, 3))
-        shape = table.shape[:3]
-        return lambda: finish().reshape(shape)  # type: ignore[return-value]
     gpu.engine.begin()
-    return gpu.engine.copy_hash_segments(table.reshape(-1, 3)).reshape(table.shape[:3])
+    if generations_address is None:
+        queued = gpu.engine.copy_hash_ops_queued(ops, dst_base, src_base)
+    else:
+        queued = gpu.engine.copy_hash_ops_queued(ops, dst_base, src_base, checks, generations_address)
+
+    def finish() -> np.ndarray:
+        hashes, skipped = queued()
+        if skipped:
+            raise KVStoreError(
+                ErrorCode.SESSION_NOT_FOUND,
+                f"{skipped} slot(s) of the write were freed or reassigned: the put session was lost",
+            )
+        return hashes.reshape(shape)
+
+    if not gpu.wait:
+        return finish
+    gpu.engine.sync()
+    return finish()
+
+
+def _generation_checks(plan: CopyPlan, batch: NodeBatch) -> np.ndarray:
+    """(generation table index, generation) of each row of the batch's table, [layers, pages, runs] order."""
+    per_page = np.stack([batch.slot_units, batch.generations.astype(np.int64)], axis=1)
+    rows = np.repeat(per_page, plan.runs_per_shard, axis=0)
+    return np.tile(rows, (len(plan.layers), 1)).astype(np.uint64)
+
+
+# The device tables of one-layer writes, by batch: a put session's batch is the same object for
+# every layer, and its op table differs from layer to layer only by the layer's segment offset and
+# the caller array's address, which the kernel adds as bases.  Building and uploading the tables
+# of a 16384-page layer cost ~0.8 ms of host time per put_layer on an H100 host.  Entries hold
+# their batch (so the ids stay theirs) and the plan's layout and heads.
+_OPS_MEMO: collections.OrderedDict[int, tuple[NodeBatch, Any, Any, Any, bool]] = collections.OrderedDict()
+_OPS_MEMO_SIZE = 8
+_ops_memo_lock = threading.Lock()
+
+
+def _layer_ops(plan: CopyPlan, batch: NodeBatch) -> tuple[Any, Any, bool]:
+    """(device table of (slot offset + offset in slot, offset in the array, length) rows, device
+    table of their generation checks, whether every row is 16-byte aligned) of a one-layer write
+    of ``batch``, relative to the layer's segment and the array's start."""
+    gpu: GpuPlan = plan.device
+    shape_key = (plan.layout, plan.heads, plan.num_pages, gpu.device)
+    with _ops_memo_lock:
+        hit = _OPS_MEMO.get(id(batch))
+        if hit is not None and hit[0] is batch and hit[1] == shape_key:
+            _OPS_MEMO.move_to_end(id(batch))
+            return hit[2], hit[3], hit[4]
+    table = _canonical_table(plan, batch, _slot_run_starts(plan, batch, 0), 0, True)
+    table[..., 0] -= np.uint64(plan.layout.segment_offset(plan.layers[0]))
+    table[..., 1] -= np.uint64(gpu.canonical.ptr)  # type: ignore[union-attr]
+    rows = table.reshape(-1, 3)
+    ops = gpu.engine.upload_ops(rows)
+    checks = gpu.engine.upload_ops(_generation_checks(plan, batch), 2)
+    aligned = fusable(rows)
+    with _ops_memo_lock:
+        _OPS_MEMO[id(batch)] = (batch, shape_key, ops, checks, aligned)
+        while len(_OPS_MEMO) > _OPS_MEMO_SIZE:
+            _OPS_MEMO.popitem(last=False)
+    return ops, checks, aligned
 
 
 def _slot_addrs(plan: CopyPlan, batch: NodeBatch, data_address: int) -> np.ndarray:
@@ -313,6 +389,12 @@ def _pool_device_data(transport: ShmTransport, device: int) -> int:
     return base + pool.header.data_offset
 
 
+def _pool_device_generations(transport: ShmTransport, device: int) -> int:
+    """The pool's generation table as the device sees it (the pool mapping is registered whole)."""
+    pool = transport.pool
+    return hostreg.device_pointer(pool.base_address, len(pool.bytes), device) + pool.header.gen_offset
+
+
 def run_hashes_on_device(plan: CopyPlan, batch: NodeBatch, slots_address: int | None) -> np.ndarray:
     """XXH3 of the batch's runs, [layers, pages, runs], hashed on the GPU by one launch.
 
@@ -343,11 +425,17 @@ def shm_write(transport: ShmTransport, batch: NodeBatch, plan: CopyPlan, threads
     """
     gpu: GpuPlan = plan.device
     with gpu.engine:
-        fused = write_hashed(plan, batch, _pool_device_data(transport, gpu.device))
+        fused = write_hashed(
+            plan,
+            batch,
+            _pool_device_data(transport, gpu.device),
+            _pool_device_generations(transport, gpu.device),
+        )
     if callable(fused):  # queued, not landed: the pool stays mapped until the copy is done
         return hold_until_done(transport.in_use(), fused)
     if fused is not None:
         return fused
+    transport.check_before_write(batch)
     with gpu.engine:
         if gpu.canonical is not None:
             on_device = run_hashes_on_device(plan, batch, None)  # from HBM, ahead of the copies

@@ -25,9 +25,11 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from kvstore import native
 from kvstore._proto import kvstore_pb2 as pb
 from kvstore.errors import ErrorCode, KVStoreError
 from kvstore.layout import Layout, copy_table
+from kvstore.tiers.base import SLOT_UNIT
 
 log = logging.getLogger("kvstore.transports")
 
@@ -48,6 +50,17 @@ class NodeBatch:
 
     def __len__(self) -> int:
         return len(self.pages)
+
+    # A put session's batch is written once per layer: what its checks need is worked out once.
+    @functools.cached_property
+    def slot_units(self) -> np.ndarray:
+        """int64 index of each slot in its region's generation table (one u32 per SLOT_UNIT)."""
+        return (self.slot_offsets.astype(np.uint64) // np.uint64(SLOT_UNIT)).astype(np.int64)
+
+    @functools.cached_property
+    def slots_end(self) -> int:
+        """One past the last byte of the batch's slots, in the region's slot area."""
+        return int(self.slot_offsets.max()) + self.slot_bytes if len(self.slot_offsets) else 0
 
 
 @functools.lru_cache(maxsize=16)
@@ -245,12 +258,12 @@ class MappedRegionTransport(Transport):
         """Unmap the region (once, with no transfer running)."""
 
     @abstractmethod
-    def slot_generations(self, slot_offsets: np.ndarray) -> np.ndarray:
-        """The region's current generation of each slot (its shared generation table)."""
+    def generation_table(self) -> np.ndarray:
+        """The region's shared generation table: a u32 per SLOT_UNIT of its slot area."""
 
     def check_before_write(self, batch: NodeBatch) -> None:
         """A one-sided write goes only into slots still at the generations its session was given."""
-        if not np.array_equal(self.slot_generations(batch.slot_offsets), batch.generations):
+        if native.first_moved(self.generation_table(), batch.slot_units, batch.generations) >= 0:
             raise KVStoreError(
                 ErrorCode.SESSION_NOT_FOUND,
                 f"slots of the {self._what} were freed or reassigned: the put session was lost",
@@ -259,14 +272,12 @@ class MappedRegionTransport(Transport):
     def intact_after_read(self, batch: NodeBatch) -> int:
         """Pages of a completed one-sided read that are good: up to the first slot whose generation moved
         (it held someone else's bytes at some point of the copy)."""
-        changed = np.flatnonzero(self.slot_generations(batch.slot_offsets) != batch.generations)
-        if len(changed):
+        moved = native.first_moved(self.generation_table(), batch.slot_units, batch.generations)
+        if moved >= 0:
             log.debug(
-                "%s: slot generation changed under a read at page %d",
-                self._what,
-                int(batch.pages[changed[0]]),
+                "%s: slot generation changed under a read at page %d", self._what, int(batch.pages[moved])
             )
-            return int(changed[0])
+            return moved
         return len(batch)
 
     @contextlib.contextmanager

@@ -102,8 +102,7 @@ class CudaIpcTransport(MappedRegionTransport):
     # -- data
     def _check_slots(self, batch: NodeBatch, plan: CopyPlan) -> None:
         check_batch(batch, plan.layout)
-        ends = batch.slot_offsets.astype(np.uint64) + np.uint64(batch.slot_bytes)
-        if len(ends) and int(ends.max()) > self._region_bytes:
+        if batch.slots_end > self._region_bytes:
             raise KVStoreError(ErrorCode.BAD_RANGE, "placement runs past the node's VRAM region")
 
     def write(self, batch: NodeBatch, plan: CopyPlan) -> RunHashes:
@@ -112,13 +111,14 @@ class CudaIpcTransport(MappedRegionTransport):
         from kvstore.gpu import transfer
 
         self._check_slots(batch, plan)
-        self.check_before_write(batch)
         gpu = plan.device
         region = self.region_pointer(gpu.device)
         if region is None:
             return self._fallback.write(batch, plan)
+        # checked here, not by the kernel: the generation file is mapped read-only in this process
+        self.check_before_write(batch)
         with gpu.engine:
-            fused = transfer.write_hashed(plan, batch, region)
+            fused = transfer.write_hashed(plan, batch, region, None)
             if callable(fused):  # queued, not landed: the mapping stays open until the copy is done
                 return transfer.hold_until_done(self.in_use(), fused)
             if fused is not None:
@@ -144,8 +144,8 @@ class CudaIpcTransport(MappedRegionTransport):
             gpu.engine.sync()
         return self.intact_after_read(batch)
 
-    def slot_generations(self, slot_offsets: np.ndarray) -> np.ndarray:
-        return self.generations.generation(slot_offsets)
+    def generation_table(self) -> np.ndarray:
+        return self.generations.table
 
 
 def attach(node: pb.NodeRef, fallback: Transport, copy_threads: int = 1) -> CudaIpcTransport | None:

@@ -13,6 +13,7 @@ import logging
 import numpy as np
 
 from kvstore import native
+from kvstore.errors import ErrorCode, KVStoreError
 from kvstore.gpu import release_host_memory
 from kvstore.tiers.dram import DramPool
 from kvstore.transports.base import CopyPlan, MappedRegionTransport, NodeBatch, RunHashes, check_batch
@@ -37,15 +38,18 @@ class ShmTransport(MappedRegionTransport):
     # -- data
     def _check_slots(self, batch: NodeBatch, plan: CopyPlan) -> None:
         check_batch(batch, plan.layout)
-        self.pool.check_range(batch.slot_offsets, np.full(len(batch), batch.slot_bytes, dtype=np.uint64))
+        if batch.slots_end > self.pool.header.data_bytes:
+            raise KVStoreError(ErrorCode.BAD_RANGE, "range outside the pool's slot area")
 
     def write(self, batch: NodeBatch, plan: CopyPlan) -> RunHashes:
         self._check_slots(batch, plan)
-        self.check_before_write(batch)
-        if plan.device is not None:  # GPU memory: one kernel into the registered pool
+        if (
+            plan.device is not None
+        ):  # GPU memory: one kernel into the registered pool (it checks the generations)
             from kvstore.gpu import transfer
 
             return transfer.shm_write(self, batch, plan, self._threads)
+        self.check_before_write(batch)
         slot_addrs = np.uint64(self.pool.data_address) + batch.slot_offsets
         table = plan.table(batch, slot_addrs, to_slots=True, buf_addr=plan.address)
         hashes = native.copy(table.reshape(-1, 3), with_hashes=True, threads=self._threads)
@@ -64,5 +68,5 @@ class ShmTransport(MappedRegionTransport):
             native.copy(table.reshape(-1, 3), threads=self._threads)
         return self.intact_after_read(batch)
 
-    def slot_generations(self, slot_offsets: np.ndarray) -> np.ndarray:
-        return self.pool.generation(slot_offsets)
+    def generation_table(self) -> np.ndarray:
+        return self.pool.generations

@@ -5,6 +5,9 @@ Every test is skipped (with the reason) where CuPy or a CUDA device is absent.
 
 from __future__ import annotations
 
+import shutil
+import tempfile
+
 import numpy as np
 import pytest
 
@@ -265,6 +268,26 @@ def test_cpu_writer_gpu_reader_and_torch_bfloat16(cluster, client, namespace):
     assert np.array_equal(cpu.layer(0), want.view(np.uint8).reshape(4, -1))
 
 
+def test_torch_tensors_are_described_like_their_array_interface():
+    torch = pytest.importorskip("torch")
+    from kvstore.gpu import arrays
+
+    base = torch.arange(6 * 10, dtype=torch.float32, device="cuda").reshape(6, 10)
+    for tensor in (base, base[1:4, 2:7], base.t(), base.view(torch.uint8)[2:]):
+        got = arrays.describe_device(tensor)
+        want = arrays._from_cai(tensor, tensor.__cuda_array_interface__)
+        assert got is not None and arrays.is_device_array(tensor)
+        assert (got.ptr, got.shape, got.strides, got.itemsize, got.device, got.contiguous) == (
+            want.ptr,
+            want.shape,
+            want.strides,
+            want.itemsize,
+            want.device,
+            want.contiguous,
+        )
+    assert not arrays.is_torch_cuda_tensor(torch.zeros(3)) and arrays.describe_device(torch.zeros(3)) is None
+
+
 def test_registered_pool_copy_equals_native_copy(cluster, client, namespace):
     """The same bytes land whether a put comes from the GPU kernel or the CPU copy engine."""
     a = client(cluster, namespace)
@@ -342,10 +365,80 @@ def test_fused_copy_hash_kernel_copies_and_hashes_like_the_host():
     assert np.array_equal(cupy.asnumpy(dst), want_bytes)
     want = native.hash_ranges(np.stack([src_off + np.uint64(src_host.ctypes.data), lengths_arr], axis=1))
     assert np.array_equal(got, want), np.flatnonzero(got != want)[:10]
+    # the same rows relative to bases (a put session's table kept on the device), into a second copy
+    dst2 = cupy.zeros(size + 4096, dtype=cupy.uint8)
+    relative = np.stack([dst_off + np.uint64(4096), src_off, lengths_arr], axis=1)
+    with engine:
+        finish = engine.copy_hash_ops_queued(engine.upload_ops(relative), dst2.data.ptr, src.data.ptr)
+    hashes, skipped = finish()
+    assert np.array_equal(hashes, want) and skipped == 0
+    assert np.array_equal(cupy.asnumpy(dst2[4096:]), want_bytes)
     # what the fused kernel does not take: unaligned rows, lengths not a multiple of 16, short rows
     assert not fusable(table + np.array([0, 8, 0], dtype=np.uint64))
     assert not fusable(np.array([[0, 0, 1000]], dtype=np.uint64))
     assert not fusable(np.array([[0, 0, 240]], dtype=np.uint64))
+
+
+def test_gpu_write_checks_each_slots_generation_as_its_bytes_move():
+    """The write kernel copies a slot only while it is at the batch's generation: a slot freed or
+    reassigned between two layers of a put is left alone, and the write fails with SESSION_NOT_FOUND."""
+    from kvstore import gpu as gpu_plane
+    from kvstore import grants
+    from kvstore._proto import kvstore_pb2 as pb
+    from kvstore.errors import ErrorCode, KVStoreError
+    from kvstore.tiers.dram import DramPool
+    from kvstore.transports import CopyPlan, ShmTransport, node_batches
+
+    layout = Layout.build("t/gpu-gen", 4, 3, kind="mha", kv_heads=4, head_dim=8, dtype="float16")
+    # in shared memory, as a node's pools are: CUDA registers tmpfs pages, not a disk file's
+    directory = tempfile.mkdtemp(prefix="kvstore-gpu-test-", dir="/dev/shm")
+    pool = DramPool.create(directory, "node-a", 64 * layout.slot_bytes, prefault=False)
+    try:
+        offsets = np.array([4, 6, 9], dtype=np.uint64) * np.uint64(layout.slot_bytes)
+        gens = np.full(3, 7, dtype=np.uint32)
+        pool.set_generation(offsets, gens)
+        incarnation = pool.header.incarnation
+        grant = grants.sign(b"s" * 32, "node-a", incarnation, offsets, gens, 2**62, 1, grants.WRITE)
+        node = pb.NodeRef(
+            node_id="node-a",
+            incarnation=incarnation,
+            data_address="127.0.0.1:1",
+            pool_path=pool.path,
+            pool_data_offset=pool.header.data_offset,
+            pool_bytes=len(pool.bytes),
+        )
+        placed = pb.Placements(
+            nodes=[node],
+            node_index=np.zeros(3, dtype="<u2").tobytes(),
+            slot_offsets=offsets.astype("<u8").tobytes(),
+            generations=gens.astype("<u4").tobytes(),
+            slot_bytes=layout.slot_bytes,
+            grants=[grant],
+        )
+        (batch,), _ = node_batches(placed, np.arange(3))
+        transport = ShmTransport(pool)
+        host = np.random.default_rng(4).integers(0, 256, (2, 3, layout.segment_bytes), dtype=np.uint8)
+
+        def plan(layer: int) -> CopyPlan:
+            side = gpu_plane.caller_side(cupy.asarray(host[layer]), "kv", layout, [layer], (0, 4), 3, False)
+            assert side is not None
+            return CopyPlan(layout, [layer], (0, 4), side.buffer, 3, side.gpu)
+
+        def segment(slot: int, layer: int) -> np.ndarray:
+            start = pool.header.data_offset + int(offsets[slot]) + layout.segment_offset(layer)
+            return pool.bytes[start : start + layout.segment_bytes]
+
+        hashes = transport.write(batch, plan(0))
+        assert np.array_equal(np.asarray(hashes).reshape(-1), row_hashes(host[0]))
+        pool.set_generation(offsets[1:2], np.array([8], dtype=np.uint32))  # slot 6 freed and reassigned
+        with pytest.raises(KVStoreError) as info:
+            transport.write(batch, plan(1))
+        assert info.value.code is ErrorCode.SESSION_NOT_FOUND
+        assert not segment(1, 1).any()  # never written
+        assert np.array_equal(segment(0, 1), host[1, 0]) and np.array_equal(segment(2, 1), host[1, 2])
+    finally:
+        pool.close()
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 def test_xxh3_sees_the_bytes_queued_before_it():

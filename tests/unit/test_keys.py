@@ -92,6 +92,21 @@ def test_bad_tokens(tokens: object) -> None:
     assert info.value.code is ErrorCode.BAD_TOKENS
 
 
+@pytest.mark.parametrize(
+    ("dtype", "bad_value"),
+    [("<i8", -1), ("<u8", 1 << 40), ("<i4", -1), ("<u4", 1 << 31), ("<i2", -1), ("<i1", -1)],
+)
+@pytest.mark.parametrize("where", [0, 4095, 4096, 10_001, 19_999])
+def test_a_bad_token_anywhere_in_a_long_prompt_is_found(dtype: str, bad_value: int, where: int) -> None:
+    tokens = np.arange(20_000, dtype=np.int64) % 100
+    assert np.array_equal(keys.as_token_array(tokens.astype(dtype)), tokens)
+    bad = tokens.astype(dtype)
+    bad[where] = bad_value
+    with pytest.raises(KVStoreError) as info:
+        keys.as_token_array(bad)
+    assert info.value.code is ErrorCode.BAD_TOKENS
+
+
 def test_largest_token_is_accepted() -> None:
     assert keys.as_token_array([0, (1 << 31) - 1]).dtype == np.dtype("<i4")
 

@@ -10,6 +10,7 @@ import os
 import numpy as np
 import pytest
 
+from kvstore import native
 from kvstore.errors import ErrorCode, KVStoreError
 from kvstore.tiers.base import SLOT_UNIT, SlotChecksums
 from kvstore.tiers.vram import GenerationFile
@@ -53,3 +54,17 @@ def test_moved_slots_verify_against_what_was_remembered(kind, unknown_ok) -> Non
     region.remember(slots[:2], np.array([11, 22], dtype=np.uint64))
     got = region.verify(slots, np.array([11, 23, 99], dtype=np.uint64))
     assert got.tolist() == [True, False, unknown_ok]  # a match, a mismatch, a slot never remembered
+
+
+def test_first_moved_finds_the_first_slot_whose_generation_changed() -> None:
+    table = np.arange(64, dtype=np.uint32)
+    units = np.array([3, 9, 9, 40, 63], dtype=np.int64)
+    assert native.first_moved(table, units, table[units]) == -1
+    moved = table.copy()
+    moved[40] += 1
+    assert native.first_moved(moved, units, table[units]) == 3
+    assert (
+        native.first_moved(table, np.array([3, 64], dtype=np.int64), np.array([3, 0], dtype=np.uint32)) == 1
+    )
+    assert native.first_moved(table, np.array([-1], dtype=np.int64), np.array([0], dtype=np.uint32)) == 0
+    assert native.first_moved(table, np.empty(0, dtype=np.int64), np.empty(0, dtype=np.uint32)) == -1
