@@ -125,6 +125,7 @@ class Master:
             term=lambda: self.term,
             on_failure=self._node_failing,
             clock=clock,
+            post=None if sender else self.nodes.post_updates,
         )
         self.namespaces: dict[str, Namespace] = {}
         self._by_ns_id: dict[int, Namespace] = {}
@@ -545,7 +546,7 @@ class Master:
         index.parent[rows] = parents
         linked = parents[parents >= 0]
         if len(linked):
-            np.add.at(index.child_count, linked, 1)
+            np.add.at(index.child_count, linked, np.uint32(1))
         epochs = index.epoch[rows]
         for i in np.flatnonzero(parents == ORPHAN).tolist():
             self._awaiting_parent.setdefault((ns.ns_id, parent_keys[i].tobytes()), []).append(
@@ -962,7 +963,7 @@ class Master:
         gained = np.concatenate((expected_parent[new_pos], expected_parent[relink]))
         gained = gained[gained >= 0]
         if len(gained):
-            np.add.at(index.child_count, gained, 1)
+            np.add.at(index.child_count, gained, np.uint32(1))
 
         # -- status per page
         status = np.full(count, pb.PAGE_NO_ROOM, dtype=np.uint8)
@@ -1063,12 +1064,16 @@ class Master:
         """
         completed, done, nodes = self._commit_layer(session_id, layers, checksums)
         if nodes and (done or completed or not deferred):
-            await asyncio.gather(*(self.notifier.flush(node) for node in nodes))
+            if len(nodes) == 1:
+                await self.notifier.flush(nodes[0])  # no task in between for the usual single node
+            else:
+                await asyncio.gather(*(self.notifier.flush(node) for node in nodes))
         else:
-            # Unanswered by the nodes, but on its way now (not at the next flush tick): the
-            # writer's last, durable commit then waits only for what came after it.
+            # Unanswered by the nodes, but on its way as soon as the batch in flight is answered
+            # (not at the next flush tick), with whatever queued meanwhile; the writer's last,
+            # durable commit is written behind it at once (an urgent flush).
             for node in nodes:
-                task = asyncio.get_running_loop().create_task(self.notifier.flush(node))
+                task = asyncio.get_running_loop().create_task(self.notifier.flush(node, urgent=False))
                 self._side_tasks.add(task)
                 task.add_done_callback(self._side_tasks.discard)
         return completed, done
@@ -1097,19 +1102,22 @@ class Master:
         completed = 0
         touched: list[int] = []
         if live.any() and table is not None:
+            every = bool(live.all())
             pos = np.flatnonzero(live)
-            rows = session.rows[pos]
+            rows = session.rows if every else session.rows[pos]
             node_of = index.node[rows]
-            touched = np.unique(node_of).tolist()
+            one_node = bool((node_of == node_of[0]).all())  # the usual request: no unique, no masks
+            touched = [int(node_of[0])] if one_node else np.unique(node_of).tolist()
             for node in touched:
-                sel = node_of == node
-                slots = index.slot[rows[sel]]
+                sel = None if one_node else node_of == node
+                slots = index.slot[rows if sel is None else rows[sel]]
+                sums = table if every and sel is None else table[:, pos if sel is None else pos[sel]]
                 self.notifier.enqueue_commit(
                     node,
                     np.tile(slots, len(layers)),
                     np.repeat(layers, len(slots)),
                     session.heads,
-                    table[:, pos[sel]].reshape(-1),
+                    sums.reshape(-1),
                 )
             complete, full_layers = index.pending[ns.ns_id].commit(index.pend[rows], layers, session.heads)
             index.layers_complete[rows] = full_layers

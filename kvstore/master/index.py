@@ -35,6 +35,7 @@ ORPHAN = -2
 a new put of the chain links it again."""
 
 _INITIAL_ROWS = 1024
+_ONE = np.uint32(1)  # the u32 counters' dtype: ufunc.at with a matching scalar is ~25x faster
 
 
 def _grow(array: np.ndarray, capacity: int, fill: float | int = 0) -> np.ndarray:
@@ -83,7 +84,8 @@ class KeyTable:
         return (h & np.uint64(len(self.slots) - 1)).astype(np.int64)
 
     def _words(self, rows: np.ndarray) -> np.ndarray:
-        return self._index.keys[rows].view(np.uint64)
+        # a gather of 16-byte items: ~5x faster than of [n, 16] u8 rows
+        return _rows16(self._index.keys)[rows].view(np.uint64).reshape(-1, 2)
 
     def find(self, words: np.ndarray) -> np.ndarray:
         """Row of each key (``words``: [n, 2] u64 of the 16-byte keys), -1 when absent."""
@@ -152,6 +154,41 @@ class KeyTable:
 _TAIL = 24  # keys left in a batch below which probing goes on in plain Python
 
 
+_V16 = np.dtype("V16")
+
+
+class _FreeRows:
+    """A LIFO stack of free row numbers in one i64 array (a Python list cost ~20 ns per row each way)."""
+
+    __slots__ = ("_rows", "_count")
+
+    def __init__(self) -> None:
+        self._rows = np.zeros(1024, dtype=np.int64)
+        self._count = 0
+
+    def __len__(self) -> int:
+        return self._count
+
+    def push(self, rows: np.ndarray) -> None:
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        end = self._count + len(rows)
+        if end > len(self._rows):
+            self._rows = _grow(self._rows, max(2 * len(self._rows), end))
+        self._rows[self._count : end] = rows
+        self._count = end
+
+    def pop(self, count: int) -> np.ndarray:
+        """The last ``count`` rows pushed (fewer if fewer are free), in push order."""
+        count = min(count, self._count)
+        self._count -= count
+        return self._rows[self._count : self._count + count].copy()
+
+
+def _rows16(keys: np.ndarray) -> np.ndarray:
+    """A [n, 16] u8 key column as n 16-byte items (fancy indexing moves each key as one item)."""
+    return keys.view(_V16).reshape(-1)
+
+
 def _pow2(n: int) -> int:
     return 1 << max(0, int(n - 1).bit_length())
 
@@ -168,34 +205,37 @@ class PendingTable:
         self.num_layers = num_layers
         self.num_heads = num_heads
         self.coverage = np.zeros((capacity, num_layers, num_heads), dtype=bool)
+        # layers of each page with every head committed, kept as commits come in: a commit then
+        # looks at the layers it names, not at the page's whole coverage (16384 pages x 32 layers)
+        self.full = np.zeros(capacity, dtype=np.uint16)
         self.claimed = np.zeros((capacity, num_heads), dtype=bool)
         self.writers = np.zeros(capacity, dtype=np.uint32)
-        self._free: list[int] = []
+        self._free = _FreeRows()
         self._high = 0
 
     def __len__(self) -> int:
         return self._high - len(self._free)
 
     def alloc(self, count: int) -> np.ndarray:
-        reuse = min(count, len(self._free))
-        taken = self._free[len(self._free) - reuse :]
-        del self._free[len(self._free) - reuse :]
-        fresh = count - reuse
+        taken = self._free.pop(count)
+        fresh = count - len(taken)
         if self._high + fresh > len(self.writers):
             capacity = max(len(self.writers) * 2, self._high + fresh)
             self.coverage = _grow(self.coverage, capacity)
+            self.full = _grow(self.full, capacity)
             self.claimed = _grow(self.claimed, capacity)
             self.writers = _grow(self.writers, capacity)
-        slots = np.concatenate((np.array(taken, dtype=np.int64), np.arange(self._high, self._high + fresh)))
+        slots = np.concatenate((taken, np.arange(self._high, self._high + fresh, dtype=np.int64)))
         self._high += fresh
         self.coverage[slots] = False
+        self.full[slots] = 0
         self.claimed[slots] = False
         self.writers[slots] = 0
         return slots.astype(np.int64)
 
     def release(self, slots: np.ndarray) -> None:
         if len(slots):
-            self._free.extend(np.asarray(slots, dtype=np.int64).tolist())
+            self._free.push(slots)
 
     def available(self, slots: np.ndarray, heads: tuple[int, int]) -> np.ndarray:
         """Pages on which ``heads`` are neither claimed by a live writer nor already fully committed."""
@@ -206,7 +246,7 @@ class PendingTable:
 
     def claim(self, slots: np.ndarray, heads: tuple[int, int]) -> None:
         self.claimed[slots, heads[0] : heads[1]] = True
-        np.add.at(self.writers, slots, 1)
+        np.add.at(self.writers, slots, _ONE)
 
     def unclaim(self, slots: np.ndarray, heads: tuple[int, int]) -> None:
         """Drop a writer's claim on its heads (its writer count stays until it expires)."""
@@ -214,16 +254,28 @@ class PendingTable:
 
     def leave(self, slots: np.ndarray) -> np.ndarray:
         """One writer is gone from each page; returns the writer counts left."""
-        np.subtract.at(self.writers, slots, 1)
+        np.subtract.at(self.writers, slots, _ONE)
         return self.writers[slots]
 
     def commit(
         self, slots: np.ndarray, layers: np.ndarray, heads: tuple[int, int]
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Mark ``heads`` of ``layers`` committed; return (complete mask, layers fully committed) per page."""
-        self.coverage[slots[:, None], layers[None, :], heads[0] : heads[1]] = True
-        full_layers = self.coverage[slots].all(axis=2)
-        return full_layers.all(axis=1), full_layers.sum(axis=1)
+        """Mark ``heads`` of ``layers`` committed; return (complete mask, layers fully committed) per page.
+
+        Only the named layers are looked at: the count of full layers per page
+        (``full``) grows by those that were not full before and are now.
+        """
+        layers = np.unique(layers)  # a layer named twice counts once
+        h0, h1 = heads
+        picked = (slots[:, None], layers[None, :])
+        was_full = self.coverage[picked].all(axis=2)
+        self.coverage[slots[:, None], layers[None, :], h0:h1] = True
+        # every head in one commit (no tensor parallelism): each named layer is full now
+        now_full = True if h1 - h0 >= self.num_heads else self.coverage[picked].all(axis=2)
+        gained = np.count_nonzero(now_full & ~was_full, axis=1)
+        full = self.full[slots] + gained.astype(np.uint16)
+        self.full[slots] = full
+        return full >= self.num_layers, full
 
 
 class PageIndex:
@@ -251,7 +303,7 @@ class PageIndex:
         self.tables: dict[int, KeyTable] = {}
         self.pending: dict[int, PendingTable] = {}
         self.high = 0  # rows [0, high) have been used; scans look at these only
-        self._free: list[int] = []
+        self._free = _FreeRows()
 
     # -- namespaces
     def add_namespace(self, ns_id: int, slot_bytes: int, num_layers: int, num_heads: int) -> None:
@@ -311,15 +363,11 @@ class PageIndex:
     # -- rows
     def alloc(self, count: int) -> np.ndarray:
         """``count`` fresh rows (recycled first); columns reset, state FREE until the caller fills them."""
-        reuse = min(count, len(self._free))
-        taken = self._free[len(self._free) - reuse :]
-        del self._free[len(self._free) - reuse :]
-        fresh = count - reuse
+        taken = self._free.pop(count)
+        fresh = count - len(taken)
         if self.high + fresh > self.capacity:
             self._grow(max(self.capacity * 2, self.high + fresh))
-        rows = np.concatenate(
-            (np.array(taken, dtype=np.int64), np.arange(self.high, self.high + fresh, dtype=np.int64))
-        )
+        rows = np.concatenate((taken, np.arange(self.high, self.high + fresh, dtype=np.int64)))
         self.high += fresh
         self.parent[rows] = ROOT
         self.layers_complete[rows] = 0
@@ -342,7 +390,7 @@ class PageIndex:
     ) -> None:
         """Fill freshly allocated rows as PENDING pages and make their keys findable."""
         table = self.tables[ns_id]
-        self.keys[rows] = np.frombuffer(packed_keys, dtype=np.uint8).reshape(-1, KEY_BYTES)
+        _rows16(self.keys)[rows] = np.frombuffer(packed_keys, dtype=_V16)
         self.ns[rows] = ns_id
         self.node[rows] = nodes
         self.slot[rows] = slots
@@ -351,13 +399,17 @@ class PageIndex:
         self.last_access[rows] = now
         self.pend[rows] = self.pending[ns_id].alloc(len(rows))
         table.insert(rows)
-        np.add.at(self.ns_rows, np.full(len(rows), ns_id, dtype=np.int64), 1)
+        self.ns_rows[ns_id] += len(rows)
 
     def complete(self, rows: np.ndarray, now: float) -> None:
         """Pending -> COMPLETE: coverage dropped, recency starts now."""
-        for ns_id in np.unique(self.ns[rows]).tolist():
-            sel = rows[self.ns[rows] == ns_id]
-            self.pending[ns_id].release(self.pend[sel])
+        ns_of = self.ns[rows]
+        if len(rows) and bool((ns_of == ns_of[0]).all()):  # one namespace (one request): no unique
+            self.pending[int(ns_of[0])].release(self.pend[rows])
+        else:
+            for ns_id in np.unique(ns_of).tolist():
+                sel = rows[ns_of == ns_id]
+                self.pending[ns_id].release(self.pend[sel])
         self.pend[rows] = -1
         self.state[rows] = COMPLETE
         self.last_access[rows] = now
@@ -386,14 +438,14 @@ class PageIndex:
         self.lease_count[rows] = 0
         self.child_count[rows] = 0
         self.epoch[rows] += np.uint32(1)
-        self._free.extend(rows.tolist())
+        self._free.push(rows)
 
     def unlink(self, rows: np.ndarray) -> int:
         """Before freeing ``rows``: parents lose a child, children become orphans. Returns orphans made."""
         parents = self.parent[rows]
         parents = parents[parents >= 0]
         if len(parents):
-            np.subtract.at(self.child_count, parents, 1)
+            np.subtract.at(self.child_count, parents, _ONE)
         with_children = rows[self.child_count[rows] > 0]
         if not len(with_children):
             return 0

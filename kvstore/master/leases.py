@@ -18,6 +18,8 @@ import numpy as np
 
 from kvstore.master.index import PageIndex
 
+_ONE = np.uint32(1)  # lease_count's dtype: ufunc.at with a matching scalar is ~25x faster
+
 
 @dataclass
 class ReadLease:
@@ -54,7 +56,7 @@ class LeaseTable:
             keys=keys,
             expires=expires,
         )
-        np.add.at(self._index.lease_count, lease.rows, 1)
+        np.add.at(self._index.lease_count, lease.rows, _ONE)
         self._leases[lease.lease_id] = lease
         heapq.heappush(self._heap, (expires, lease.lease_id))
         return lease
@@ -88,5 +90,5 @@ class LeaseTable:
         live = lease.rows[self._index.valid(lease.rows, lease.epochs)]
         if not len(live):
             return live
-        np.subtract.at(self._index.lease_count, live, 1)
+        np.subtract.at(self._index.lease_count, live, _ONE)
         return live[self._index.lease_count[live] == 0]

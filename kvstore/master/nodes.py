@@ -9,8 +9,10 @@ pool file is gone with its process).
 
 Slot updates go to a node over one long-lived ``Node.SlotUpdateStream`` per node
 process (a round trip on an open stream costs about half a unary call, and
-OpenPut waits for one): one batch at a time, answered in order, a rejected
-batch answered in band.  A stream that fails or times out is cancelled and the
+OpenPut waits for one): batches written in order, answered in order, a rejected
+batch answered in band.  Once a stream has answered, a batch is written without
+waiting for the answers to those before it (``post_updates``), so a durable
+commit's batch costs one round trip, not one more per batch in flight.  A stream that fails or times out is cancelled and the
 next batch opens another; a node without the stream (an older one) gets unary
 ``ApplySlotUpdates`` calls.
 """
@@ -19,9 +21,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -81,6 +84,10 @@ class NodeRecord:
     updates_call: Any = field(default=None, repr=False)  # grpc.aio.StreamStreamCall
     updates_lock: asyncio.Lock | None = field(default=None, repr=False)
     updates_unary: bool = False  # the node has no SlotUpdateStream (an older one): unary calls
+    # the stream that has answered a batch (later batches on it are written without waiting for the
+    # answers before them), and the answer read last on it (each answer is read after the previous)
+    updates_proven: Any = field(default=None, repr=False)
+    updates_turn: asyncio.Future[None] | None = field(default=None, repr=False)
 
     @property
     def ref(self) -> pb.NodeRef:
@@ -232,9 +239,20 @@ class NodeRegistry:
         node, a broken stream or no answer within the RPC timeout raises
         UNAVAILABLE or DEADLINE (the node may or may not have applied it).
         """
+        await (await self.post_updates(index, updates))
+
+    async def post_updates(self, index: int, updates: pb.SlotUpdates) -> Awaitable[None]:
+        """Write one batch to the node and return its answer to await (raising as :meth:`send_updates`).
+
+        Batches are written in call order and answered in that order.  On a stream
+        that has answered before, a batch is written at once, behind those in
+        flight, without waiting for their answers (a durable commit's batch then
+        costs one node round trip, not one more per batch ahead of it); the first
+        batch of a stream, and unary calls, complete before this returns.
+        """
         record = self.by_index.get(index)
         if record is None:
-            return  # gone: its slots went with it
+            return _answered()  # gone: its slots went with it
         if record.primary is not None:
             updates.tier = record.tier
         node = record.primary or record  # one stream per node process, whatever the region
@@ -242,14 +260,89 @@ class NodeRegistry:
             if node.updates_lock is None:
                 node.updates_lock = asyncio.Lock()
             # Regions of one node have queues of their own in the notifier, so two batches may be
-            # sent at once here: answers come in order, and a batch owns the stream until its answer.
+            # sent at once here: the lock orders the writes, and answers come in the same order.
             async with node.updates_lock:
-                if not node.updates_unary and await self._send_streamed(node, updates):
-                    return
+                if not node.updates_unary:
+                    call = node.updates_call
+                    if call is not None and not call.done() and call is node.updates_proven:
+                        return await self._post_streamed(node, call, updates)
+                    if await self._send_streamed(node, updates):
+                        node.updates_proven, node.updates_turn = node.updates_call, None
+                        return _answered()
         try:
             await self.stub(record).ApplySlotUpdates(updates, timeout=self.rpc_timeout_s)
         except grpc.aio.AioRpcError as err:
             raise from_rpc_error(err) from err
+        return _answered()
+
+    async def _post_streamed(
+        self, node: NodeRecord, call: Any, updates: pb.SlotUpdates
+    ) -> asyncio.Task[None]:
+        """Write one batch on a stream that answers; a task reads its answer after the previous one's."""
+        try:
+            async with asyncio.timeout(self.rpc_timeout_s):
+                await call.write(updates)
+        except BaseException as exc:
+            _cancel_stream(node, call)
+            failure = self._stream_failure(node, exc)
+            if failure is exc:
+                raise
+            raise failure from exc
+        loop = asyncio.get_running_loop()
+        turn, mine = node.updates_turn, loop.create_future()
+        node.updates_turn = mine
+        task = loop.create_task(self._read_answer(node, call, turn))
+        # the next answer is read once this one is, however this task ends (even cancelled unstarted)
+        task.add_done_callback(functools.partial(_pass_turn, mine))
+        task.add_done_callback(_retrieve)
+        return task
+
+    async def _read_answer(self, node: NodeRecord, call: Any, turn: asyncio.Future[None] | None) -> None:
+        try:
+            async with asyncio.timeout(self.rpc_timeout_s):
+                if turn is not None:
+                    await turn  # never raises: set once the previous answer was read
+                response = await call.read()
+        except BaseException as exc:
+            _cancel_stream(node, call)
+            failure = self._stream_failure(node, exc)
+            if failure is exc:
+                raise
+            raise failure from exc
+        if response is grpc.aio.EOF:
+            _cancel_stream(node, call)
+            raise KVStoreError(ErrorCode.UNAVAILABLE, f"node {node.node_id} ended the slot update stream")
+        if response.error_code:
+            # the node rejected the batch (and applied nothing of it); the stream stays open
+            code = ErrorCode.__members__.get(response.error_code, ErrorCode.INTERNAL)
+            raise KVStoreError(code, response.error_message)
+
+    def _stream_failure(self, node: NodeRecord, exc: BaseException) -> BaseException:
+        """What a failed write or read on a proven stream raises (the stream is cancelled already)."""
+        if isinstance(exc, asyncio.CancelledError):
+            task = asyncio.current_task()
+            if task is None or task.cancelling():
+                return exc  # this sender is being cancelled
+            return KVStoreError(
+                ErrorCode.UNAVAILABLE, f"slot update stream to node {node.node_id} was closed"
+            )
+        if isinstance(exc, grpc.aio.AioRpcError):
+            return KVStoreError(
+                ErrorCode.DEADLINE
+                if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+                else ErrorCode.UNAVAILABLE,
+                f"slot update stream to node {node.node_id} failed: {exc.code().name} {exc.details()}",
+            )
+        if isinstance(exc, TimeoutError):
+            return KVStoreError(
+                ErrorCode.DEADLINE,
+                f"node {node.node_id} did not answer slot updates within {self.rpc_timeout_s:g} s",
+            )
+        if isinstance(exc, asyncio.InvalidStateError):
+            return KVStoreError(
+                ErrorCode.UNAVAILABLE, f"slot update stream to node {node.node_id} ended: {exc}"
+            )
+        return exc
 
     async def _send_streamed(self, node: NodeRecord, updates: pb.SlotUpdates) -> bool:
         """One batch over the node's stream; False if the node does not serve the stream."""
@@ -316,6 +409,24 @@ class NodeRegistry:
             if record.channel is not None:
                 await record.channel.close()
                 record.channel, record.stub = None, None
+
+
+def _answered() -> asyncio.Future[None]:
+    """An answer that is already there (a batch sent by a whole round trip, or to nobody)."""
+    done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    done.set_result(None)
+    return done
+
+
+def _pass_turn(turn: asyncio.Future[None], _: asyncio.Task[None]) -> None:
+    if not turn.done():
+        turn.set_result(None)
+
+
+def _retrieve(task: asyncio.Task[None]) -> None:
+    """Mark a read task's failure as seen (its batch's flush reports it, if anyone still waits)."""
+    if not task.cancelled():
+        task.exception()
 
 
 def _cancel_stream(record: NodeRecord, call: Any = None) -> None:

@@ -4,15 +4,19 @@ A node applies one SlotUpdates message as: assignments, then layer commits,
 then frees.  To keep the order in which the master made its changes, a new
 batch starts whenever an assignment or commit would follow a free in the
 current one (a slot freed and assigned again in one batch would otherwise be
-applied backwards).  Everything queued for a node goes out in one RPC per
-batch, in order, under a per-node lock.  Assignments are flushed (and awaited)
-before OpenPut answers; commits and frees go out from a background flush.
+applied backwards).  Everything queued for a node goes out as one message per
+batch, in order, written under a per-node lock; answers are awaited outside it
+(they come back in order), so a flush someone waits for is written behind the
+batches in flight at once.  Assignments are flushed (and awaited) before OpenPut
+answers, a durable commit's records before it answers; deferred commits and
+frees go out once the batch in flight is answered, merged with what queued meanwhile.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -26,6 +30,12 @@ log = logging.getLogger("kvstore.master.notifier")
 
 Sender = Callable[[int, pb.SlotUpdates], Awaitable[None]]
 """Sends one batch to a node (by registry index); raises on failure."""
+Poster = Callable[[int, pb.SlotUpdates], Awaitable[Awaitable[None]]]
+"""Puts one batch on its way to a node and returns its answer to await (which raises on failure).
+
+Batches are written in call order and answered in that order; a batch is
+written without waiting for the answers to those before it (NodeRegistry.post_updates).
+"""
 
 
 @dataclass
@@ -36,6 +46,7 @@ class _Batch:
     )
     commit: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=list)
     free: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)
+    seq: int = -1  # order among the batches taken for sending (-1: not taken yet)
 
     def empty(self) -> bool:
         return not (self.assign or self.commit or self.free)
@@ -66,6 +77,16 @@ class _NodeQueue:
     batches: list[_Batch] = field(default_factory=list)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     failing_since: float = 0.0  # first failure of the current run of failures (0: healthy)
+    # written to the node, not answered yet, in order (a failure puts them back in front of ``batches``)
+    in_flight: list[_Batch] = field(default_factory=list)
+    last_answer: asyncio.Future[None] | None = None  # the answer of the batch written last
+    failures: int = 0  # failed batches so far: a flush that saw one meanwhile reports False
+    taken: int = 0  # batches taken for sending so far (their ``seq``)
+
+    def put_back(self, failed: list[_Batch]) -> None:
+        """Failed batches go back in front, in the order they were taken (failures land in any order)."""
+        retry = sorted(failed + [b for b in self.batches if b.seq >= 0], key=lambda b: b.seq)
+        self.batches = retry + [b for b in self.batches if b.seq < 0]
 
     def tail(self, after_free: bool) -> _Batch:
         """The batch to append to; a fresh one if the record must not be reordered before queued frees."""
@@ -84,8 +105,10 @@ class Notifier:
         on_failure: Callable[[int, float], None] | None = None,
         clock: Callable[[], float] = time.time,
         flush_interval_s: float = 0.005,
+        post: Poster | None = None,
     ) -> None:
         self._send = send
+        self._post = post or self._send_and_wait
         self._term = term
         self._on_failure = on_failure
         self._clock = clock
@@ -162,29 +185,86 @@ class Notifier:
         return 0 if queue is None else sum(not b.empty() for b in queue.batches)
 
     # -- sending
-    async def flush(self, node: int) -> bool:
-        """Send everything queued for ``node``, in order; False if the node could not be reached."""
+    async def _send_and_wait(self, node: int, msg: pb.SlotUpdates) -> Awaitable[None]:
+        """A Poster from a plain Sender: the whole round trip, then an answer already there."""
+        await self._send(node, msg)
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        done.set_result(None)
+        return done
+
+    async def flush(self, node: int, urgent: bool = True) -> bool:
+        """Send everything queued for ``node``, in order; False if the node could not be reached.
+
+        Returns once the node answered every batch queued before the call, those
+        written by an earlier flush included.  The batches are written under the
+        queue's lock and their answers awaited outside it, so an ``urgent`` flush
+        (someone waits for it: a durable commit, an OpenPut) is written behind the
+        batches in flight at once, not after their round trips.  Other flushes
+        (deferred commits, the background flush) first wait for the answer in
+        flight, so what is queued meanwhile goes out as one batch, as it did when
+        the node had one batch at a time.
+        """
         queue = self._queues.get(node)
         if queue is None:
             return True
+        if not urgent and queue.last_answer is not None and not queue.last_answer.done():
+            with contextlib.suppress(Exception):  # reported by _answered
+                await asyncio.shield(queue.last_answer)
+        posted: list[asyncio.Future[None]] = []
         async with queue.lock:
-            # Take what is queued now; records enqueued while an RPC is in flight start a new list.
+            failures = queue.failures
+            # Take what is queued now; records enqueued while a batch is being written start a new list.
             batches, queue.batches = [b for b in queue.batches if not b.empty()], []
+            for batch in batches:
+                if batch.seq < 0:
+                    batch.seq, queue.taken = queue.taken, queue.taken + 1
             for i, batch in enumerate(batches):
                 try:
-                    await self._send(node, batch.to_message(self._term()))
+                    answer = asyncio.ensure_future(await self._post(node, batch.to_message(self._term())))
                 except Exception as exc:  # noqa: BLE001 - any transport failure: keep the batches, report
-                    if self._queues.get(node) is not queue:
-                        return False  # the node was dropped meanwhile
-                    queue.batches = batches[i:] + queue.batches
-                    if not queue.failing_since:
-                        queue.failing_since = self._clock()
-                    log.warning("slot updates to node %d failed: %s", node, exc)
-                    if self._on_failure is not None:
-                        self._on_failure(node, queue.failing_since)
+                    if self._queues.get(node) is queue:  # else the node was dropped meanwhile
+                        queue.put_back(batches[i:])
+                        self._failed(node, queue, exc)
                     return False
+                queue.in_flight.append(batch)
+                answer.add_done_callback(functools.partial(self._answered, node, queue, batch))
+                posted.append(answer)
+            # nothing new: wait for the batches on their way (they may carry this caller's records)
+            waits: list[asyncio.Future[None]] = posted or (
+                [queue.last_answer] if queue.last_answer is not None else []
+            )
+            if posted:
+                queue.last_answer = posted[-1]
+        for waited in waits:
+            with contextlib.suppress(Exception):  # reported by _answered
+                await asyncio.shield(waited)
+        if queue.failures != failures or self._queues.get(node) is not queue:
+            return False
+        if posted:
             queue.failing_since = 0.0
-            return True
+        return True
+
+    def _answered(self, node: int, queue: _NodeQueue, batch: _Batch, answer: asyncio.Future[None]) -> None:
+        """A written batch's answer: done, or it goes back in front of the queue with those after it."""
+        exc = BaseException("cancelled") if answer.cancelled() else answer.exception()
+        if batch not in queue.in_flight:
+            return  # put back already by an earlier batch's failure
+        at = queue.in_flight.index(batch)
+        if exc is None:
+            del queue.in_flight[at]
+            return
+        failed, queue.in_flight = queue.in_flight[at:], queue.in_flight[:at]
+        if self._queues.get(node) is queue:
+            queue.put_back(failed)  # those written after it may or may not have been applied: again
+            self._failed(node, queue, exc)
+
+    def _failed(self, node: int, queue: _NodeQueue, exc: BaseException) -> None:
+        queue.failures += 1
+        if not queue.failing_since:
+            queue.failing_since = self._clock()
+        log.warning("slot updates to node %d failed: %s", node, exc)
+        if self._on_failure is not None:
+            self._on_failure(node, queue.failing_since)
 
     async def announce_term(self, node: int) -> bool:
         """Send ``node`` an empty batch carrying the current term (a new leader fencing its predecessor).
@@ -200,10 +280,10 @@ class Notifier:
                 return False
         return True
 
-    async def flush_all(self) -> None:
+    async def flush_all(self, urgent: bool = True) -> None:
         nodes = [n for n, q in self._queues.items() if any(not b.empty() for b in q.batches)]
         if nodes:
-            await asyncio.gather(*(self.flush(n) for n in nodes))
+            await asyncio.gather(*(self.flush(n, urgent) for n in nodes))
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="kvstore-notifier")
@@ -221,7 +301,7 @@ class Notifier:
             self._wake.clear()
             await asyncio.sleep(self._interval)  # gather a few records into one RPC
             try:
-                await self.flush_all()
+                await self.flush_all(urgent=False)
             except Exception:  # noqa: BLE001 - the flusher must survive anything
                 log.exception("background flush failed")
             if any(q.failing_since for q in self._queues.values()):

@@ -28,6 +28,7 @@ from kvstore.errors import ErrorCode, KVStoreError
 from kvstore.tiers.base import SLOT_UNIT
 
 KEY_BYTES = 16
+_V16 = np.dtype("V16")  # one key as one item
 
 
 @dataclass(slots=True)
@@ -233,6 +234,25 @@ class Inventory:
         if n == 0:
             return 0
         units = (slot_offsets // SLOT_UNIT).astype(np.int64)
+        # keys as 16-byte items: fancy indexing moves each as one item (~3x faster than [n, 16] u8)
+        key_rows = np.frombuffer(keys, dtype=_V16)
+        parent_rows = np.frombuffer(parents, dtype=_V16)
+        if namespaces.count(namespaces[0]) == n:  # the usual batch: one request of one namespace
+            ns_ids = np.full(n, self._namespace_id(namespaces[0]), dtype=np.uint16)
+        else:
+            ns_ids = np.array([self._namespace_id(name) for name in namespaces], dtype=np.uint16)
+        if n == 1 or bool((units[1:] > units[:-1]).all()):  # ascending: every slot once (the usual)
+            self._assign_distinct(
+                units,
+                generations.astype(np.uint32),
+                slot_bytes.astype(np.uint64),
+                ns_ids,
+                key_rows,
+                parent_rows,
+            )
+            self._slot_units[units] = slot_bytes // SLOT_UNIT
+            self._sweep(n)
+            return n
         # A slot named twice in one batch (never sent by a master, but cheap to get right):
         # apply the k-th naming of every slot in round k, as if the batch ran in order.
         order = np.argsort(units, kind="stable")
@@ -240,13 +260,6 @@ class Inventory:
         starts = np.flatnonzero(np.r_[True, sorted_units[1:] != sorted_units[:-1]])
         rank = np.empty(n, dtype=np.int64)
         rank[order] = np.arange(n) - np.repeat(starts, np.diff(np.r_[starts, n]))
-        key_rows = np.frombuffer(keys, dtype=np.uint8).reshape(n, KEY_BYTES)
-        parent_rows = np.frombuffer(parents, dtype=np.uint8).reshape(n, KEY_BYTES)
-        distinct = set(namespaces)
-        if len(distinct) == 1:  # the usual batch: one request of one namespace
-            ns_ids = np.full(n, self._namespace_id(distinct.pop()), dtype=np.uint16)
-        else:
-            ns_ids = np.array([self._namespace_id(name) for name in namespaces], dtype=np.uint16)
         for k in range(int(rank.max()) + 1):
             pick = np.flatnonzero(rank == k)
             self._assign_distinct(
@@ -283,17 +296,20 @@ class Inventory:
         fresh = ~held
         if fresh.any():
             rows[fresh] = self._alloc_rows(int(np.count_nonzero(fresh)))
-        write = ~same
-        target = rows[write]
-        self._slot[target] = units[write].astype(np.uint64) * SLOT_UNIT
-        self._generation[target] = gens[write]
-        self._size[target] = sizes[write]
-        self._ns[target] = ns_ids[write]
-        self._key[target] = key_rows[write]
-        self._parent[target] = parent_rows[write]
+        if same.any():
+            write = ~same
+            units, gens, sizes, ns_ids = units[write], gens[write], sizes[write], ns_ids[write]
+            key_rows, parent_rows, rows = key_rows[write], parent_rows[write], rows[write]
+        target = rows
+        self._slot[target] = units.astype(np.uint64) * SLOT_UNIT
+        self._generation[target] = gens
+        self._size[target] = sizes
+        self._ns[target] = ns_ids
+        self._key.view(_V16).reshape(-1)[target] = key_rows
+        self._parent.view(_V16).reshape(-1)[target] = parent_rows
         self._live[target] = True
-        self._row_of_unit[units[write]] = target.astype(np.int32)
-        self.used_bytes += int(sizes[write].sum())
+        self._row_of_unit[units] = target.astype(np.int32)
+        self.used_bytes += int(sizes.sum())
 
     def _namespace_id(self, name: str) -> int:
         ns_id = self._ns_index.get(name)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from kvstore.master.index import COMPLETE, FREE, ORPHAN, PENDING, ROOT, KeyTable, PageIndex
+from kvstore.master.index import COMPLETE, FREE, ORPHAN, PENDING, ROOT, KeyTable, PageIndex, PendingTable
 
 ALIVE = np.ones(1 << 16, dtype=bool)
 
@@ -117,6 +117,27 @@ def test_pending_coverage_completes_only_when_every_head_of_every_layer_is_in() 
     assert np.all(index.state[rows] == COMPLETE)
     assert np.all(index.pend[rows] == -1)
     assert len(table) == 0  # coverage dropped on completion
+
+
+def test_pending_counts_of_full_layers_agree_with_the_coverage_through_random_commits() -> None:
+    """PendingTable.commit counts full layers as commits come in; the coverage itself is the truth."""
+    rng = np.random.default_rng(5)
+    layers, heads = 4, 4
+    table = PendingTable(layers, heads)
+    pend = table.alloc(6)
+    for _ in range(60):
+        pages = rng.choice(pend, size=int(rng.integers(1, 7)), replace=False)
+        named = rng.integers(0, layers, size=int(rng.integers(1, 4)))  # repeats allowed
+        begin = int(rng.integers(0, heads))
+        end = int(rng.integers(begin + 1, heads + 1))
+        complete, full = table.commit(pages, named, (begin, end))
+        truth = table.coverage[pages].all(axis=2)
+        assert full.tolist() == truth.sum(axis=1).tolist()
+        assert complete.tolist() == truth.all(axis=1).tolist()
+    table.release(pend[:3])
+    again = table.alloc(3)
+    complete, full = table.commit(again, np.array([0]), (0, heads))
+    assert full.tolist() == [1, 1, 1] and not complete.any()  # a recycled page starts from nothing
 
 
 def test_namespaces_are_isolated() -> None:

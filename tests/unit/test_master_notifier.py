@@ -92,3 +92,48 @@ def test_background_flush() -> None:
         assert len(sent) == 1
 
     asyncio.run(run())
+
+
+def test_an_urgent_flush_goes_behind_the_batch_in_flight_and_failures_come_back_in_order() -> None:
+    written: list[list[int]] = []
+    answers: list[asyncio.Future[None]] = []
+
+    async def send(node: int, msg: pb.SlotUpdates) -> None:  # only for announce_term
+        raise AssertionError("not used")
+
+    async def post(node: int, msg: pb.SlotUpdates) -> asyncio.Future[None]:
+        written.append(u64(msg.free_slots))
+        answer: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        answers.append(answer)
+        return answer
+
+    async def run() -> None:
+        notifier = Notifier(send, term=lambda: 1, post=post)
+        notifier.enqueue_free(0, np.array([4096]), np.array([2]))
+        first = asyncio.ensure_future(notifier.flush(0))
+        await asyncio.sleep(0)
+        assert written == [[4096]]  # written, not answered
+        notifier.enqueue_free(0, np.array([8192]), np.array([2]))
+        second = asyncio.ensure_future(notifier.flush(0))  # urgent: does not wait for the first answer
+        await asyncio.sleep(0)
+        assert written == [[4096], [8192]]
+        notifier.enqueue_free(0, np.array([12288]), np.array([2]))
+        lazy = asyncio.ensure_future(notifier.flush(0, urgent=False))  # waits for the answer in flight
+        await asyncio.sleep(0)
+        assert len(written) == 2
+        answers[0].set_exception(ConnectionError("stream broke"))  # the node may have applied neither
+        answers[1].set_exception(ConnectionError("stream broke"))
+        assert not await first and not await second
+        assert notifier.failing(0)
+        for _ in range(100):
+            if len(written) == 5:
+                break
+            await asyncio.sleep(0)
+        # the failed batches went back first, in the order they were taken, then the new one
+        assert written[2:] == [[4096], [8192], [12288]]
+        for answer in answers[2:]:
+            answer.set_result(None)
+        assert await lazy
+        assert not notifier.failing(0) and notifier.pending(0) == 0
+
+    asyncio.run(run())
