@@ -60,16 +60,29 @@ def send_ranges(sock: socket.socket, ranges: np.ndarray, with_hashes: bool = Fal
     return hashes
 
 
-def recv_ranges(sock: socket.socket, ranges: np.ndarray, with_hashes: bool = False) -> np.ndarray | None:
+def recv_ranges(
+    sock: socket.socket, ranges: np.ndarray, with_hashes: bool = False, staging: np.ndarray | None = None
+) -> np.ndarray | None:
     """Fill each (addr, len) row from the socket, in order; with ``with_hashes``, return xxh3_64 of each.
 
-    The hashes are computed on each group of bytes right after it lands (in cache).
+    The hashes are computed on each group of bytes right after it lands (in cache).  With
+    ``staging`` (a small writable buffer, see :func:`staging_buffer`) each system call lands
+    there and its bytes are hashed and stream-copied into the ranges: the ranges' memory is
+    only written, never read first, which is cheaper when it is cold (a pool, a KV buffer).
     ConnectionError if the peer closes first; TimeoutError after the socket's timeout.
     """
     table = _table(ranges, 2)
     hashes = np.empty(len(table), dtype=np.uint64) if with_hashes else None
-    _native.recv(sock.fileno(), table, hashes, _timeout_ms(sock))
+    _native.recv(sock.fileno(), table, hashes, _timeout_ms(sock), staging)
     return hashes
+
+
+STAGING_BYTES = 256 << 10  # one system call's bytes: small enough to stay in L2 while hashed and copied out
+
+
+def staging_buffer() -> np.ndarray:
+    """A buffer for :func:`recv_ranges`' ``staging``; one per thread (a receive writes into it)."""
+    return np.empty(STAGING_BYTES, dtype=np.uint8)
 
 
 def address_of(array: np.ndarray) -> int:

@@ -12,7 +12,7 @@
  *   hash(ops, hashes, threads=1)        ops: u64 pairs (addr, len)
  *   fill(ops, byte)                     ops: u64 pairs (addr, len); used to pre-fault pools
  *   send(fd, ops, hashes=None, timeout_ms=-1)   send the (addr, len) ranges back to back
- *   recv(fd, ops, hashes=None, timeout_ms=-1)   receive into the (addr, len) ranges
+ *   recv(fd, ops, hashes=None, timeout_ms=-1, staging=None)   receive into the (addr, len) ranges
  *
  * send/recv move a whole table of ranges through a socket with gathered
  * system calls (up to IO_MAX_IOV ranges, IO_GROUP_BYTES per call) and the GIL
@@ -20,6 +20,8 @@
  * system call just sent or received, while the kernel's copy left them in cache.  The
  * fd may be blocking or not (a Python socket with a timeout): EAGAIN waits in
  * poll() for at most timeout_ms (-1: forever), as socket.settimeout would.
+ * recv with a staging buffer lands each system call's bytes there (in cache),
+ * hashes them and stream-copies them into the ranges (recv_staged).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -262,8 +264,10 @@ static PyObject *py_fill(PyObject *self, PyObject *args) {
 
 /* ---------------------------------------------------------------- socket I/O */
 
+/* Bytes per gathered system call.  A send hashes each group right after the kernel copied it out, so a
+ * group must still be in L2 then: with 4 MiB groups the hash read memory again (as much CPU as the copy). */
 #ifndef IO_GROUP_BYTES
-#define IO_GROUP_BYTES (4u << 20)
+#define IO_GROUP_BYTES (512u << 10)
 #endif
 #define IO_MAX_IOV 64
 
@@ -274,19 +278,32 @@ typedef struct {
     uint64_t off; /* bytes of it already done */
 } cursor_t;
 
-/* Hash `bytes` more bytes at the cursor; each range's digest is written once its last byte is hashed. */
-static void hash_advance(cursor_t *c, XXH3_state_t *st, uint64_t *hashes, uint64_t bytes) {
+/* Advance the cursor by `bytes`, hashing them (if hashes) and writing each range's digest once its
+ * last byte is in.  src NULL: the bytes are in place, in the ranges; else they are at src, back to back,
+ * and are copied into the ranges as they are hashed (streaming stores: see recv_staged). */
+static void hash_advance(cursor_t *c, XXH3_state_t *st, uint64_t *hashes, const uint8_t *src, uint64_t bytes) {
     for (;;) {
         while (c->idx < c->n && c->off == c->ops[2 * c->idx + 1]) {
-            hashes[c->idx] = XXH3_64bits_digest(st);
-            XXH3_64bits_reset(st);
+            if (hashes) {
+                hashes[c->idx] = XXH3_64bits_digest(st);
+                XXH3_64bits_reset(st);
+            }
             c->idx++;
             c->off = 0;
         }
         if (bytes == 0 || c->idx >= c->n) return;
         uint64_t left = c->ops[2 * c->idx + 1] - c->off;
         uint64_t take = bytes < left ? bytes : left;
-        XXH3_64bits_update(st, (const uint8_t *)(uintptr_t)c->ops[2 * c->idx] + c->off, (size_t)take);
+        uint8_t *dst = (uint8_t *)(uintptr_t)c->ops[2 * c->idx] + c->off;
+        if (hashes) XXH3_64bits_update(st, src ? src : dst, (size_t)take);
+        if (src) {
+#ifdef HAVE_STREAMING_STORES
+            stream_copy(dst, src, take);
+#else
+            memcpy(dst, src, take);
+#endif
+            src += take;
+        }
         c->off += take;
         bytes -= take;
     }
@@ -377,33 +394,89 @@ static int transfer(int fd, const uint64_t *ops, size_t n, uint64_t *hashes, int
         io_advance(&io, (uint64_t)r);
         done += (uint64_t)r;
         if (hashes) { /* hash what just went out or landed: the kernel's copy left it in cache */
-            hash_advance(&hc, &st, hashes, done - hashed);
+            hash_advance(&hc, &st, hashes, NULL, done - hashed);
             hashed = done;
         }
     }
-    if (hashes) hash_advance(&hc, &st, hashes, 0); /* digests of trailing empty ranges */
+    if (hashes) hash_advance(&hc, &st, hashes, NULL, 0); /* digests of trailing empty ranges */
     *moved = done;
     return 0;
 }
 
+/* Receive through `stage` (a small buffer that stays in cache): each recv lands there, is hashed there
+ * and is stream-copied into the ranges.  The kernel's copy into cold destination memory reads every
+ * line before writing it; this way the destination is only written.  Same results as transfer(). */
+static int recv_staged(int fd, const uint64_t *ops, size_t n, uint64_t *hashes, int timeout_ms, uint8_t *stage,
+                       size_t stage_len, uint64_t *moved) {
+    cursor_t c = {ops, n, 0, 0};
+    XXH3_state_t st;
+    uint64_t total = 0, done = 0;
+    int rc = 0;
+    for (size_t i = 0; i < n; i++) total += ops[2 * i + 1];
+    if (hashes) XXH3_64bits_reset(&st);
+    while (done < total) {
+        size_t want = total - done < stage_len ? (size_t)(total - done) : stage_len;
+        ssize_t r = recv(fd, stage, want, 0);
+        if (r < 0) {
+            if (errno == EINTR) continue;
+            if ((errno == EAGAIN || errno == EWOULDBLOCK) && wait_fd(fd, POLLIN, timeout_ms) == 0) continue;
+            rc = -1;
+            break;
+        }
+        if (r == 0) {
+            rc = -2;
+            break;
+        }
+        hash_advance(&c, &st, hashes, stage, (uint64_t)r);
+        done += (uint64_t)r;
+    }
+    if (rc == 0) hash_advance(&c, &st, hashes, NULL, 0); /* digests of trailing empty ranges */
+#ifdef HAVE_STREAMING_STORES
+    _mm_sfence();
+#endif
+    *moved = done;
+    return rc;
+}
+
 static PyObject *py_transfer(PyObject *args, PyObject *kwargs, int sending) {
-    static char *kwlist[] = {"fd", "ops", "hashes", "timeout_ms", NULL};
+    static char *kwlist[] = {"fd", "ops", "hashes", "timeout_ms", "staging", NULL};
     int fd, timeout_ms = -1;
-    PyObject *ops_obj, *hashes_obj = Py_None;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "iO|Oi", kwlist, &fd, &ops_obj, &hashes_obj, &timeout_ms))
+    PyObject *ops_obj, *hashes_obj = Py_None, *stage_obj = Py_None;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "iO|OiO", kwlist, &fd, &ops_obj, &hashes_obj, &timeout_ms,
+                                     &stage_obj))
         return NULL;
-    Py_buffer ops, hashes;
+    Py_buffer ops, hashes, stage = {0};
     size_t nops;
     uint64_t *hash_ptr;
-    if (get_ops_and_hashes(ops_obj, hashes_obj, 2, &ops, &hashes, &nops, &hash_ptr) != 0) return NULL;
+    if (stage_obj != Py_None) {
+        if (sending) {
+            PyErr_SetString(PyExc_ValueError, "send takes no staging buffer");
+            return NULL;
+        }
+        if (PyObject_GetBuffer(stage_obj, &stage, PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE) != 0) return NULL;
+        if (stage.len <= 0) {
+            PyBuffer_Release(&stage);
+            PyErr_SetString(PyExc_ValueError, "the staging buffer is empty");
+            return NULL;
+        }
+    }
+    if (get_ops_and_hashes(ops_obj, hashes_obj, 2, &ops, &hashes, &nops, &hash_ptr) != 0) {
+        if (stage.buf) PyBuffer_Release(&stage);
+        return NULL;
+    }
     int rc, err = 0;
     uint64_t moved = 0;
     Py_BEGIN_ALLOW_THREADS
-    rc = transfer(fd, (const uint64_t *)ops.buf, nops, hash_ptr, timeout_ms, sending, &moved);
+    if (stage.buf)
+        rc = recv_staged(fd, (const uint64_t *)ops.buf, nops, hash_ptr, timeout_ms, (uint8_t *)stage.buf,
+                         (size_t)stage.len, &moved);
+    else
+        rc = transfer(fd, (const uint64_t *)ops.buf, nops, hash_ptr, timeout_ms, sending, &moved);
     err = errno;
     Py_END_ALLOW_THREADS
     PyBuffer_Release(&ops);
     if (hash_ptr) PyBuffer_Release(&hashes);
+    if (stage.buf) PyBuffer_Release(&stage);
     if (rc == -2) {
         PyErr_Format(PyExc_ConnectionError, "peer closed the connection after %llu payload bytes",
                      (unsigned long long)moved);
@@ -684,8 +757,9 @@ static PyMethodDef methods[] = {
      "send(fd, ops, hashes=None, timeout_ms=-1): send each (addr, len) range in order; hashes, if given, "
      "receives xxh3_64 of each range.  Returns the bytes sent."},
     {"recv", (PyCFunction)(void (*)(void))py_recv, METH_VARARGS | METH_KEYWORDS,
-     "recv(fd, ops, hashes=None, timeout_ms=-1): fill each (addr, len) range in order from the socket; hashes, "
-     "if given, receives xxh3_64 of each range.  Returns the bytes received."},
+     "recv(fd, ops, hashes=None, timeout_ms=-1, staging=None): fill each (addr, len) range in order from the "
+     "socket; hashes, if given, receives xxh3_64 of each range; staging, a writable buffer, receives each "
+     "system call's bytes first, which are then stream-copied out.  Returns the bytes received."},
     {"key_chain", py_key_chain, METH_VARARGS,
      "key_chain(root, tokens, page_size, out): page keys v1 (no page context) into out, 16 bytes each; "
      "returns the number of pages."},

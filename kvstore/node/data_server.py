@@ -10,8 +10,10 @@ covered by the grant at the generation the pool header shows now; every range
 inside its slot as the inventory knows it.  A rejected WRITE still has its
 payload drained so the stream stays in sync; a request whose framing cannot be
 trusted (garbage header, oversized payload) closes the connection instead.
-A WRITE lands straight in the pool (one native scatter receive, GIL released,
-hashing each range as it lands) and is compared with the client's hashes,
+A WRITE lands in the pool through the connection's small staging buffer (one
+native receive loop, GIL released: each system call's bytes land in the buffer,
+are hashed there and stream-copied into their ranges, so the pool's cold lines
+are written without being read first) and is compared with the client's hashes,
 which follow the payload.  A READ is sent straight from the mapping (one native
 gather send, hashing as it goes out), then its hashes and a trailer that says
 whether every slot kept its generation through the send.
@@ -186,8 +188,9 @@ class DataServer:
             thread.start()
 
     def _serve_connection(self, conn: socket.socket, peer: object) -> None:
+        staging = native.staging_buffer()  # this connection's WRITEs land here first (recv_ranges)
         try:
-            while not self._stopping.is_set() and self._serve_one(conn):
+            while not self._stopping.is_set() and self._serve_one(conn, staging):
                 pass
         except (ConnectionError, OSError) as exc:
             # A client that vanishes mid-request ends only its own connection; a half-written
@@ -202,7 +205,7 @@ class DataServer:
                 self._threads.discard(threading.current_thread())
 
     # -- one request
-    def _serve_one(self, conn: socket.socket) -> bool:
+    def _serve_one(self, conn: socket.socket, staging: np.ndarray) -> bool:
         """Serve one request; False when the connection should close."""
         header = bytearray(tcp_wire.REQUEST_HEADER.size)
         view = memoryview(header)
@@ -233,7 +236,7 @@ class DataServer:
             self._reject(conn, exc)
             return True
         if op == tcp_wire.OP_WRITE:
-            return self._write(conn, checked)
+            return self._write(conn, checked, staging)
         return self._read(conn, checked)
 
     def _check(self, op: int, grant_raw: bytes, ops_raw: bytes, payload_len: int) -> _Checked:
@@ -299,19 +302,20 @@ class DataServer:
         """(start in the region, length) rows: what VramRegion.staged takes."""
         return np.stack((checked.starts, checked.lengths), axis=1).astype(np.uint64)
 
-    def _write(self, conn: socket.socket, checked: _Checked) -> bool:
+    def _write(self, conn: socket.socket, checked: _Checked, staging: np.ndarray) -> bool:
         if checked.region.tier == "vram":
             with checked.region.staged(self._device_ranges(checked), to_region=True) as (rows, lander):  # type: ignore[attr-defined]
                 # Into pinned memory, hashed as it lands; it goes on to the GPU only if it checks out.
-                landed = native.recv_ranges(conn, rows, with_hashes=True)
+                landed = native.recv_ranges(conn, rows, with_hashes=True, staging=staging)
                 expected = np.frombuffer(
                     tcp_wire.recv_exact(conn, len(checked.starts) * HASH_BYTES), dtype="<u8"
                 )
                 if landed is not None and np.array_equal(landed, expected):
                     lander.land()
             return self._answer_write(conn, checked, landed, expected)
-        # Straight into the pool, hashed as it lands; the client's hashes follow the payload.
-        landed = native.recv_ranges(conn, self._ranges(checked), with_hashes=True)
+        # Into the pool through the staging buffer (hashed there, then stream-copied: the pool's
+        # cold lines are written without being read first); the client's hashes follow the payload.
+        landed = native.recv_ranges(conn, self._ranges(checked), with_hashes=True, staging=staging)
         expected = np.frombuffer(tcp_wire.recv_exact(conn, len(checked.starts) * HASH_BYTES), dtype="<u8")
         return self._answer_write(conn, checked, landed, expected)
 

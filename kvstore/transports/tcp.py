@@ -1,11 +1,12 @@
 """Cross-host transport: framed requests to the node's TCP data server (see tcp_wire.py).
 
 A batch (all pages and layers of one node) goes as one request, or a few when
-it is larger than :data:`MAX_REQUEST_BYTES`.  Payload bytes are sent from and
-received into the caller's buffer directly by one native call per request
-(gathered system calls, GIL released), which hashes every range in the same
-pass: for a write the hashes are both what the node checks and the run hashes
-of the commit checksums; for a read they check what landed.
+it is larger than :data:`MAX_REQUEST_BYTES`.  Payload bytes are sent from the
+caller's buffer directly, and received into it through a small per-thread
+staging buffer, by one native call per request (GIL released), which hashes
+every range in the same pass: for a write the hashes are both what the node
+checks and the run hashes of the commit checksums; for a read they check what
+landed.
 """
 
 from __future__ import annotations
@@ -116,6 +117,13 @@ class TcpTransport(Transport):
     def __init__(self, connections: ConnectionPool, hash_threads: int = 1) -> None:
         self._connections = connections
         self._threads = max(1, hash_threads)
+        self._local = threading.local()  # .staging: each reading thread's buffer for recv_ranges
+
+    def _staging(self) -> np.ndarray:
+        staging: np.ndarray | None = getattr(self._local, "staging", None)
+        if staging is None:
+            staging = self._local.staging = native.staging_buffer()
+        return staging
 
     def close(self) -> None:
         self._connections.close()
@@ -192,7 +200,7 @@ class TcpTransport(Transport):
     def _read_request(self, address: str, grant: bytes, ops: np.ndarray, ranges: np.ndarray) -> np.ndarray:
         """One READ request; returns a mask of its ops whose bytes cannot be trusted.
 
-        The payload lands straight in the caller's buffer and is hashed as it lands.
+        The payload lands in the caller's buffer through a staging buffer, hashed on the way.
         """
         expected = int(ops[:, 2].sum())
         with self._connections.connection(address) as sock:
@@ -204,7 +212,7 @@ class TcpTransport(Transport):
                         ErrorCode.UNAVAILABLE,
                         f"data server {address} announced {payload_len} bytes, {expected} asked for",
                     )
-                landed = native.recv_ranges(sock, ranges, with_hashes=True)
+                landed = native.recv_ranges(sock, ranges, with_hashes=True, staging=self._staging())
                 tail = tcp_wire.recv_exact(sock, 8 * len(ops) + 1)
             except OSError as exc:
                 raise _io_error(address, exc) from exc

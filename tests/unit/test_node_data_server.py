@@ -424,7 +424,11 @@ def test_stop_ends_idle_connections(tmp_path):
     sock.close()
 
 
-def test_native_recv_ranges_handles_partial_receives():
+@pytest.mark.parametrize("staging_bytes", [0, 64, native.STAGING_BYTES])
+def test_native_recv_ranges_handles_partial_receives(staging_bytes):
+    # staging: every receive lands in the buffer first, then is hashed and stream-copied into the
+    # ranges (64 bytes: pieces that end mid-range and span several ranges)
+    staging = np.zeros(staging_bytes, dtype=np.uint8) if staging_bytes else None
     a, b = socket.socketpair()
     with a, b:
         bufs = [np.zeros(n, dtype=np.uint8) for n in (3, 0, 700, 1, 5000)]
@@ -437,10 +441,22 @@ def test_native_recv_ranges_handles_partial_receives():
         t = threading.Thread(target=sender)
         t.start()
         ranges = np.array([(native.address_of(x), len(x)) for x in bufs], dtype=np.uint64)
-        hashes = native.recv_ranges(b, ranges, with_hashes=True)
+        hashes = native.recv_ranges(b, ranges, with_hashes=True, staging=staging)
         t.join()
         assert b"".join(x.tobytes() for x in bufs) == data
         assert hashes is not None and hashes.tolist() == [xxhash.xxh3_64_intdigest(x.tobytes()) for x in bufs]
         a.close()
         with pytest.raises(ConnectionError):
-            native.recv_ranges(b, np.array([(native.address_of(bufs[4]), 10)], dtype=np.uint64))
+            native.recv_ranges(
+                b, np.array([(native.address_of(bufs[4]), 10)], dtype=np.uint64), staging=staging
+            )
+
+
+def test_native_staging_buffer_is_checked():
+    a, b = socket.socketpair()
+    with a, b:
+        ranges = np.zeros((0, 2), dtype=np.uint64)
+        with pytest.raises(ValueError, match="empty"):
+            native.recv_ranges(b, ranges, staging=np.zeros(0, dtype=np.uint8))
+        with pytest.raises(ValueError, match="no staging"):
+            native._native.send(a.fileno(), ranges, None, -1, np.zeros(8, dtype=np.uint8))
