@@ -309,16 +309,14 @@ class NodeRegistry:
             if failure is exc:
                 raise
             raise failure from exc
-        if response is grpc.aio.EOF:
-            _cancel_stream(node, call)
-            raise KVStoreError(ErrorCode.UNAVAILABLE, f"node {node.node_id} ended the slot update stream")
-        if response.error_code:
-            # the node rejected the batch (and applied nothing of it); the stream stays open
-            code = ErrorCode.__members__.get(response.error_code, ErrorCode.INTERNAL)
-            raise KVStoreError(code, response.error_message)
+        _check_answer(node, call, response)
 
     def _stream_failure(self, node: NodeRecord, exc: BaseException) -> BaseException:
-        """What a failed write or read on a proven stream raises (the stream is cancelled already)."""
+        """What a failed write or read on a slot update stream raises (the stream is cancelled already).
+
+        The node answers its own errors in band: a failed stream is the transport's failure (a dead
+        peer shows as INTERNAL "from Core" on write, CANCELLED if the node stopped).
+        """
         if isinstance(exc, asyncio.CancelledError):
             task = asyncio.current_task()
             if task is None or task.cancelling():
@@ -358,45 +356,16 @@ class NodeRegistry:
             # Whatever happened (timeout, cancellation, transport), this batch's answer may still be
             # on its way: the stream's order is lost.  The next batch opens a new stream.
             _cancel_stream(node, call)
-            if isinstance(exc, asyncio.CancelledError):
-                task = asyncio.current_task()
-                if task is None or task.cancelling():
-                    raise  # this sender is being cancelled
-                # the call was cancelled under us (the node was removed, the registry closed)
-                raise KVStoreError(
-                    ErrorCode.UNAVAILABLE, f"slot update stream to node {node.node_id} was closed"
-                ) from exc
-            if isinstance(exc, grpc.aio.AioRpcError):
-                if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
-                    # nothing was applied: an older node; it gets unary calls from now on
-                    log.info("node %s has no SlotUpdateStream: unary slot updates", node.node_id)
-                    node.updates_unary = True
-                    return False
-                # The node answers its own errors in band: a failed stream is the transport's failure
-                # (a dead peer shows as INTERNAL "from Core" on write, CANCELLED if the node stopped).
-                raise KVStoreError(
-                    ErrorCode.DEADLINE
-                    if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-                    else ErrorCode.UNAVAILABLE,
-                    f"slot update stream to node {node.node_id} failed: {exc.code().name} {exc.details()}",
-                ) from exc
-            if isinstance(exc, TimeoutError):
-                raise KVStoreError(
-                    ErrorCode.DEADLINE,
-                    f"node {node.node_id} did not answer slot updates within {self.rpc_timeout_s:g} s",
-                ) from exc
-            if isinstance(exc, asyncio.InvalidStateError):  # the call ended under us
-                raise KVStoreError(
-                    ErrorCode.UNAVAILABLE, f"slot update stream to node {node.node_id} ended: {exc}"
-                ) from exc
-            raise
-        if response is grpc.aio.EOF:
-            _cancel_stream(node, call)
-            raise KVStoreError(ErrorCode.UNAVAILABLE, f"node {node.node_id} ended the slot update stream")
-        if response.error_code:
-            # the node rejected the batch (and applied nothing of it); the stream stays open
-            code = ErrorCode.__members__.get(response.error_code, ErrorCode.INTERNAL)
-            raise KVStoreError(code, response.error_message)
+            if isinstance(exc, grpc.aio.AioRpcError) and exc.code() == grpc.StatusCode.UNIMPLEMENTED:
+                # nothing was applied: an older node; it gets unary calls from now on
+                log.info("node %s has no SlotUpdateStream: unary slot updates", node.node_id)
+                node.updates_unary = True
+                return False
+            failure = self._stream_failure(node, exc)
+            if failure is exc:
+                raise
+            raise failure from exc
+        _check_answer(node, call, response)
         return True
 
     async def inventory(self, record: NodeRecord) -> pb.InventoryResponse:
@@ -427,6 +396,17 @@ def _retrieve(task: asyncio.Task[None]) -> None:
     """Mark a read task's failure as seen (its batch's flush reports it, if anyone still waits)."""
     if not task.cancelled():
         task.exception()
+
+
+def _check_answer(node: NodeRecord, call: Any, response: Any) -> None:
+    """Raise unless ``response`` (read from the node's slot update stream) says the batch was applied."""
+    if response is grpc.aio.EOF:
+        _cancel_stream(node, call)
+        raise KVStoreError(ErrorCode.UNAVAILABLE, f"node {node.node_id} ended the slot update stream")
+    if response.error_code:
+        # the node rejected the batch (and applied nothing of it); the stream stays open
+        code = ErrorCode.__members__.get(response.error_code, ErrorCode.INTERNAL)
+        raise KVStoreError(code, response.error_message)
 
 
 def _cancel_stream(record: NodeRecord, call: Any = None) -> None:
