@@ -26,7 +26,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 import grpc
 import numpy as np
@@ -283,11 +283,7 @@ class NodeRegistry:
             async with asyncio.timeout(self.rpc_timeout_s):
                 await call.write(updates)
         except BaseException as exc:
-            _cancel_stream(node, call)
-            failure = self._stream_failure(node, exc)
-            if failure is exc:
-                raise
-            raise failure from exc
+            self._stream_failed(node, call, exc)
         loop = asyncio.get_running_loop()
         turn, mine = node.updates_turn, loop.create_future()
         node.updates_turn = mine
@@ -304,12 +300,16 @@ class NodeRegistry:
                     await turn  # never raises: set once the previous answer was read
                 response = await call.read()
         except BaseException as exc:
-            _cancel_stream(node, call)
-            failure = self._stream_failure(node, exc)
-            if failure is exc:
-                raise
-            raise failure from exc
+            self._stream_failed(node, call, exc)
         _check_answer(node, call, response)
+
+    def _stream_failed(self, node: NodeRecord, call: Any, exc: BaseException) -> NoReturn:
+        """Cancel the stream (its order is lost) and raise what ``exc`` means for the batch."""
+        _cancel_stream(node, call)
+        failure = self._stream_failure(node, exc)
+        if failure is exc:
+            raise exc
+        raise failure from exc
 
     def _stream_failure(self, node: NodeRecord, exc: BaseException) -> BaseException:
         """What a failed write or read on a slot update stream raises (the stream is cancelled already).
@@ -355,16 +355,13 @@ class NodeRegistry:
         except BaseException as exc:
             # Whatever happened (timeout, cancellation, transport), this batch's answer may still be
             # on its way: the stream's order is lost.  The next batch opens a new stream.
-            _cancel_stream(node, call)
             if isinstance(exc, grpc.aio.AioRpcError) and exc.code() == grpc.StatusCode.UNIMPLEMENTED:
                 # nothing was applied: an older node; it gets unary calls from now on
+                _cancel_stream(node, call)
                 log.info("node %s has no SlotUpdateStream: unary slot updates", node.node_id)
                 node.updates_unary = True
                 return False
-            failure = self._stream_failure(node, exc)
-            if failure is exc:
-                raise
-            raise failure from exc
+            self._stream_failed(node, call, exc)
         _check_answer(node, call, response)
         return True
 
