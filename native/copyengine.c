@@ -57,6 +57,8 @@ typedef struct {
 
 /* Plain copies of at least this many bytes use streaming (non-temporal) stores. */
 #define STREAM_MIN_BYTES (64u * 1024u)
+/* The L1-resident buffer a hashed copy goes through (copy_and_hash). */
+#define STAGE_BYTES (16u * 1024u)
 
 #ifdef HAVE_STREAMING_STORES
 /*
@@ -105,6 +107,25 @@ static uint64_t copy_and_hash(uint8_t *dst, const uint8_t *src, uint64_t len, in
     XXH3_state_t state;
     XXH3_64bits_reset(&state);
     uint64_t done = 0;
+#ifdef HAVE_STREAMING_STORES
+    if (len >= STREAM_MIN_BYTES) {
+        /* Through a small buffer that stays in L1: hashed there and stream-stored into dst, so dst is
+         * only written (no read-for-ownership, no read back for the hash) and the hash is of exactly
+         * the bytes stored, whatever the caller does to src meanwhile.  256 MiB of 64 KiB segments
+         * into a cold 1 GiB buffer on the 2-core VM: 5.7 -> 6.3 GB/s on one thread, 10.9 -> 12.3 on
+         * two, against memcpy and then hashing dst while in L2 (4, 8, 32 KiB buffers: slower). */
+        uint8_t stage[STAGE_BYTES] __attribute__((aligned(64)));
+        while (done < len) {
+            uint64_t n = len - done;
+            if (n > STAGE_BYTES) n = STAGE_BYTES;
+            memcpy(stage, src + done, n);
+            XXH3_64bits_update(&state, stage, n);
+            stream_copy(dst + done, stage, n);
+            done += n;
+        }
+        return XXH3_64bits_digest(&state);
+    }
+#endif
     while (done < len) {
         uint64_t n = len - done;
         if (n > CHUNK_BYTES) n = CHUNK_BYTES;

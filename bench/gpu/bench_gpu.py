@@ -539,8 +539,11 @@ def _trace_stream() -> list[tuple[str, float, int]]:
     return trace
 
 
-def stream_decoder_setup(master: str, pages: int, layers: int, lib: str, switch_ms: float = 0.0) -> None:
+def stream_decoder_setup(
+    master: str, pages: int, layers: int, lib: str, switch_ms: float = 0.0, read_path: str = "sdk"
+) -> None:
     _switch_interval(switch_ms)
+    _set_path(read_path)
     from kvstore.client import KVStoreClient
     from kvstore.config import load
 
@@ -589,7 +592,13 @@ def stream_close() -> None:
 
 
 def stream_bench(
-    pages: int, layers: int, reps: int, lib: str, layer_ms: float, switch_ms: float = 0.0
+    pages: int,
+    layers: int,
+    reps: int,
+    lib: str,
+    layer_ms: float,
+    switch_ms: float = 0.0,
+    read_path: str = "sdk",
 ) -> dict[str, Any]:
     """Prefill and decoder in two processes; the decoder has every layer how long after the last commit?"""
     seg = 2 * KV_HEADS * PAGE * HEAD_DIM * 2
@@ -610,7 +619,9 @@ def stream_bench(
             put_layer_s = wpool.submit(
                 stream_writer_setup, cluster.master_address, pages, layers, lib, switch_ms
             ).result()
-            dpool.submit(stream_decoder_setup, cluster.master_address, pages, layers, lib, switch_ms).result()
+            dpool.submit(
+                stream_decoder_setup, cluster.master_address, pages, layers, lib, switch_ms, read_path
+            ).result()
             runs = []
             for rep in range(reps):
                 decoded = dpool.submit(stream_decoder_rep, rep)
@@ -925,6 +936,12 @@ def main() -> None:
     parser.add_argument(
         "--stream-switch-ms", type=float, default=0.0, help="sys.setswitchinterval in both stream processes"
     )
+    parser.add_argument(
+        "--stream-read-path",
+        choices=("sdk", "kernel", "copy_engine"),
+        default="sdk",
+        help="the decoder's read path (sdk: strided copies where the slots allow, else the kernel)",
+    )
     parser.add_argument("--vram-only", action="store_true", help="run the VRAM tier bench alone")
     parser.add_argument("--hash-only", action="store_true", help="run the GPU XXH3 kernel bench alone")
     parser.add_argument(
@@ -962,6 +979,7 @@ def main() -> None:
                 args.lib,
                 args.stream_layer_ms,
                 args.stream_switch_ms,
+                args.stream_read_path,
             ),
         }
         _emit(result, args.json)
@@ -1035,6 +1053,7 @@ def main() -> None:
             args.lib,
             args.stream_layer_ms,
             args.stream_switch_ms,
+            args.stream_read_path,
         )
     _emit(result, args.json)
 

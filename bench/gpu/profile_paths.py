@@ -20,14 +20,13 @@ import sys
 import time
 from typing import Any
 
+import numpy as np
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from kvstore.testing import Cluster, prompt  # noqa: E402
 
 PAGES = 16384
-LAYERS = 6
-SYNC_PROMPTS = 2
-ASYNC_PROMPTS = 3
 
 _spent: dict[str, list[float]] = collections.defaultdict(list)
 _faults: dict[str, list[int]] = collections.defaultdict(list)  # minor page faults (the process's) inside
@@ -114,6 +113,28 @@ def _instrument() -> None:
     _mark_gpu(engine.GpuEngine, "copy_hash_segments_queued")
 
 
+def _pinned_copy_gbps() -> float:
+    """The limit: one 1 GiB cudaMemcpy, GPU -> pinned host memory (median of 5)."""
+    import cupy
+    import cupyx
+
+    nbytes = 1 << 30
+    host = cupyx.empty_pinned(nbytes, dtype=np.uint8)
+    device = cupy.ones(nbytes, dtype=cupy.uint8)
+    times = []
+    for _ in range(5):
+        start, stop = cupy.cuda.Event(), cupy.cuda.Event()
+        start.record()
+        cupy.cuda.runtime.memcpy(
+            host.ctypes.data, device.data.ptr, nbytes, cupy.cuda.runtime.memcpyDeviceToHost
+        )
+        stop.record()
+        stop.synchronize()
+        times.append(cupy.cuda.get_elapsed_time(start, stop) / 1000)
+    del host, device
+    return nbytes / statistics.median(times) / 1e9
+
+
 def _median_ms(xs: list[float]) -> float:
     return 1000 * statistics.median(xs) if xs else 0.0
 
@@ -121,11 +142,16 @@ def _median_ms(xs: list[float]) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--json", default="")
+    parser.add_argument("--layers", type=int, default=6, help="layers of 1 GiB per prompt")
+    parser.add_argument("--sync-prompts", type=int, default=2, help="prompts written with put_layer")
+    parser.add_argument("--async-prompts", type=int, default=3, help="prompts written with put_layer_async")
+    parser.add_argument("--timeline", action="store_true", help="print the async sequences' timelines")
     parser.add_argument("--client", action="append", default=[], help="NAME=VALUE client setting")
     parser.add_argument(
         "--switch-ms", type=float, default=0.0, help="sys.setswitchinterval, ms (0: Python's)"
     )
     args = parser.parse_args()
+    layers, sync_prompts, async_prompts = args.layers, args.sync_prompts, args.async_prompts
     import cupy
     import torch
 
@@ -133,7 +159,7 @@ def main() -> None:
 
     with Cluster(
         1,
-        dram=str((SYNC_PROMPTS + ASYNC_PROMPTS) * PAGES * 64 * 1024 * LAYERS + (1 << 30)),
+        dram=str((sync_prompts + async_prompts) * PAGES * 64 * 1024 * layers + (1 << 30)),
         read_lease_ms=60000,
         write_lease_ms=120000,
     ) as cluster:
@@ -145,14 +171,14 @@ def main() -> None:
             settings[name] = {"true": True, "false": False}.get(value, value)
         client = cluster.client("prof/gpu", **settings)
         layout = client.create_namespace(
-            page_size=16, num_layers=LAYERS, kind="mha", kv_heads=8, head_dim=128, dtype="bfloat16"
+            page_size=16, num_layers=layers, kind="mha", kv_heads=8, head_dim=128, dtype="bfloat16"
         )
         kv = [
             torch.randint(0, 255, (PAGES, layout.segment_bytes), dtype=torch.uint8, device="cuda")
-            for _ in range(LAYERS)
+            for _ in range(layers)
         ]
         warm = prompt(99, 4 * 16)
-        for layer in range(LAYERS):
+        for layer in range(layers):
             client.put_layer(warm, layer, kv[layer][:4])
         from kvstore import keys
 
@@ -165,17 +191,19 @@ def main() -> None:
                 f"{resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0} page faults"
             )
         _instrument()
-        result: dict[str, Any] = {"sync": {}, "async": []}
+        limit = _pinned_copy_gbps()
+        print(f"single 1 GiB pinned copy (GPU -> host): {limit:.1f} GB/s")
+        result: dict[str, Any] = {"sync": {}, "async": [], "pinned_copy_GBps": limit}
         # synchronous middle layers: host phases
         calls: list[float] = []
-        for rep in range(SYNC_PROMPTS):
+        for rep in range(sync_prompts):
             tokens = prompt(rep, PAGES * 16)
-            for layer in range(LAYERS):
+            for layer in range(layers):
                 before = {label: len(values) for label, values in _spent.items()}
                 fbefore = {label: len(values) for label, values in _faults.items()}
                 t0 = time.perf_counter()
                 client.put_layer(tokens, layer, kv[layer])
-                if 0 < layer < LAYERS - 1:
+                if 0 < layer < layers - 1:
                     calls.append(time.perf_counter() - t0)
                 else:  # the first (OpenPut) and last (final commit) layers: not the per-call phases
                     for label, values in _spent.items():
@@ -183,7 +211,11 @@ def main() -> None:
                     for label, counts in _faults.items():
                         del counts[fbefore.get(label, 0) :]
         _events.clear()
-        print(f"sync put_layer (middle layers, {len(calls)} calls): median {_median_ms(calls):.2f} ms")
+        median = _median_ms(calls)
+        ratio = (PAGES * layout.segment_bytes / median * 1000 / 1e9) / limit
+        print(
+            f"sync put_layer (middle layers, {len(calls)} calls): median {median:.2f} ms, {ratio:.1%} of the copy"
+        )
         for label, values in sorted(_spent.items(), key=lambda kv_: -sum(kv_[1])):
             per_call = sum(values) / max(len(calls), 1)
             faults = sum(_faults[label]) / max(len(calls), 1)
@@ -193,7 +225,7 @@ def main() -> None:
             result["sync"][label] = 1000 * per_call
         result["sync"]["put_layer_median_ms"] = _median_ms(calls)
         # pipelined async sequence: timeline
-        for rep in range(ASYNC_PROMPTS):
+        for rep in range(async_prompts):
             tokens = prompt(1000 + rep, PAGES * 16)
             client.put_layer_async(tokens, 0, kv[0]).result(120)
             _events.clear()
@@ -202,14 +234,15 @@ def main() -> None:
             reference = cupy.cuda.Event()
             reference.record(gpu_engine.stream)
             t0 = time.perf_counter()
-            for layer in range(1, LAYERS):
+            for layer in range(1, layers):
                 _events.append((time.perf_counter(), f"submit {layer}"))
                 client.put_layer_async(tokens, layer, kv[layer])
             client.flush(120)
             total = time.perf_counter() - t0
-            gbps = (LAYERS - 1) * PAGES * layout.segment_bytes / total / 1e9
+            gbps = (layers - 1) * PAGES * layout.segment_bytes / total / 1e9
             print(
-                f"async rep {rep}: {LAYERS - 1} layers after the first in {1000 * total:.1f} ms ({gbps:.1f} GB/s)"
+                f"async rep {rep}: {layers - 1} layers after the first in {1000 * total:.1f} ms "
+                f"({gbps:.1f} GB/s, {gbps / limit:.1%} of the copy)"
             )
             reference.synchronize()
             for i, (before, after) in enumerate(_gpu_marks):
@@ -220,7 +253,7 @@ def main() -> None:
                     (t0 + cupy.cuda.get_elapsed_time(reference, after) / 1000, f"gpu copy {i} end")
                 )
             timeline = [(round(1000 * (t - t0), 3), what) for t, what in sorted(_events)]
-            for at, what in timeline:
+            for at, what in timeline if args.timeline else ():
                 print(f"  {at:9.3f} ms  {what}")
             result["async"].append({"total_ms": 1000 * total, "GBps": gbps, "timeline": timeline})
         client.close()

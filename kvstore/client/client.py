@@ -624,7 +624,10 @@ class KVStoreClient:
             batches=batches,
             heads=heads,
             expires_unix_ms=response.expires_unix_ms,
-            columns=[np.searchsorted(new_pages, batch.pages) for batch in batches],
+            # one node (the common case): its batch is every new page, in order
+            columns=[np.arange(len(new_pages))]
+            if len(batches) == 1
+            else [np.searchsorted(new_pages, batch.pages) for batch in batches],
         )
 
     def _put_tier(self, side: Any) -> str:

@@ -133,10 +133,11 @@ class CopyPlan:
         ``slot_addrs`` are the batch pages' slot addresses, ``buf_addr`` the buffer's.
         """
         rows = self.rows(batch)
-        slot_side = rows[..., 0] + np.asarray(slot_addrs, dtype=np.uint64)[None, :, None]
-        buf_side = rows[..., 1] + np.uint64(buf_addr)
         table = np.empty(rows.shape, dtype=np.uint64)
-        table[..., 0], table[..., 1] = (slot_side, buf_side) if to_slots else (buf_side, slot_side)
+        slot_col, buf_col = (0, 1) if to_slots else (1, 0)
+        # written in place: no temporaries of the table's size
+        np.add(rows[..., 0], np.asarray(slot_addrs, dtype=np.uint64)[None, :, None], out=table[..., slot_col])
+        np.add(rows[..., 1], np.uint64(buf_addr), out=table[..., buf_col])
         table[..., 2] = rows[..., 2]
         return table
 
@@ -185,22 +186,28 @@ def node_batches(placements: pb.Placements, pages: np.ndarray) -> tuple[list[Nod
     wanted = node_index[pages]
     unplaced = np.flatnonzero((wanted == NO_NODE) | (wanted >= len(placements.nodes)))
     first_unplaced = int(pages[unplaced[0]]) if len(unplaced) else needed
-    keep = pages < first_unplaced
-    pages, wanted = pages[keep], wanted[keep]
-    batches = []
-    for idx in np.unique(wanted):
-        mine = pages[wanted == idx]
-        batches.append(
-            NodeBatch(
-                node=placements.nodes[int(idx)],
-                grant=placements.grants[int(idx)],
-                pages=mine,
-                slot_offsets=slot_offsets[mine].astype(np.uint64),
-                generations=generations[mine].astype(np.uint32),
-                slot_bytes=int(placements.slot_bytes),
-            )
+    if len(unplaced):
+        keep = pages < first_unplaced
+        pages, wanted = pages[keep], wanted[keep]
+    if not len(pages):
+        return [], first_unplaced
+    if wanted.min() == wanted.max():  # one node holds them all (the common case): no grouping
+        groups = [(int(wanted[0]), pages)]
+    else:
+        groups = [(int(idx), pages[wanted == idx]) for idx in np.unique(wanted)]
+    slot_bytes = int(placements.slot_bytes)
+    # the fancy indexing copies out of the message's bytes; the dtypes are already the native ones
+    return [
+        NodeBatch(
+            node=placements.nodes[idx],
+            grant=placements.grants[idx],
+            pages=mine,
+            slot_offsets=slot_offsets[mine].astype(np.uint64, copy=False),
+            generations=generations[mine].astype(np.uint32, copy=False),
+            slot_bytes=slot_bytes,
         )
-    return batches, first_unplaced
+        for idx, mine in groups
+    ], first_unplaced
 
 
 class Transport(ABC):

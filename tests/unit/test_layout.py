@@ -142,3 +142,24 @@ def test_shard_checksums_combination() -> None:
     mix = 0x9E3779B97F4A7C15
     combined = shard_checksums(runs, 2).tolist()
     assert combined == [((11 * mix) % (1 << 64)) ^ 22, ((33 * mix) % (1 << 64)) ^ 44]
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_native_copy_hashes_exactly_the_bytes_it_copies(threads: int) -> None:
+    """Hashed copies of every size class (short, just under and over the staged path's 64 KiB, long,
+    odd lengths, unaligned ends) land byte for byte and hash like xxhash."""
+    rng = np.random.default_rng(9)
+    lengths = [0, 1, 240, 4095, (64 << 10) - 1, 64 << 10, (64 << 10) + 7, 100_003, 16 << 10, (1 << 20) + 33]
+    src = rng.integers(0, 256, sum(lengths) + 64, dtype=np.uint8)
+    dst = np.zeros(sum(lengths) + 256, dtype=np.uint8)
+    ops, s, d = [], 3, 5  # odd offsets: neither side aligned
+    for n in lengths:
+        ops.append((dst.ctypes.data + d, src.ctypes.data + s, n))
+        s, d = s + n, d + n + 9
+    hashes = native.copy(np.array(ops, dtype=np.uint64), with_hashes=True, threads=threads)
+    assert hashes is not None
+    for (dst_addr, src_addr, n), got in zip(ops, hashes.tolist(), strict=True):
+        want = src[src_addr - src.ctypes.data : src_addr - src.ctypes.data + n]
+        landed = dst[dst_addr - dst.ctypes.data : dst_addr - dst.ctypes.data + n]
+        assert np.array_equal(landed, want)
+        assert got == xxhash.xxh3_64_intdigest(want.tobytes())
