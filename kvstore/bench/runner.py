@@ -35,6 +35,7 @@ import argparse
 import contextlib
 import json
 import math
+import os
 import secrets
 import statistics
 import sys
@@ -211,6 +212,15 @@ def run(args: argparse.Namespace, cfg: kvconfig.Config) -> int:
             file=sys.stderr,
         )
         return 2
+    if args.json_file:
+        # a bench takes a minute or more: a path that cannot be written fails now, not at the end
+        try:
+            os.makedirs(os.path.dirname(os.path.abspath(args.json_file)), exist_ok=True)
+            with open(args.json_file, "a"):
+                pass
+        except OSError as exc:
+            print(f"kvstore bench: cannot write {args.json_file}: {exc}", file=sys.stderr)
+            return 2
     request_bytes = parse_size(args.request_bytes)
     external = getattr(args, "master", None)
     machine = limits.machine_info()

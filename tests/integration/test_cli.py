@@ -152,7 +152,7 @@ def test_unreachable_master_is_a_clear_error():
 
 
 def test_bench_quick_smoke(tmp_path):
-    out = tmp_path / "bench.json"
+    out = tmp_path / "not-yet" / "bench.json"  # the bench makes the folder
     result = run_cli(
         "bench",
         "--parts",
@@ -194,6 +194,14 @@ def test_bench_quick_smoke(tmp_path):
 def test_bench_rejects_bad_client_settings_before_any_run(setting, why):
     result = run_cli("bench", "--parts", "throughput", "--client", setting, timeout=60)
     assert result.returncode == 2 and why in result.stderr, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr and "limits:" not in result.stdout
+
+
+def test_bench_refuses_an_unwritable_json_path_before_any_run(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    result = run_cli("bench", "--parts", "throughput", "--json", str(blocker / "bench.json"), timeout=60)
+    assert result.returncode == 2 and "cannot write" in result.stderr, result.stdout + result.stderr
     assert "Traceback" not in result.stderr and "limits:" not in result.stdout
 
 
