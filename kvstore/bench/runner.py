@@ -129,6 +129,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--page-tokens", type=int, default=16, help="tokens per page (default 16)")
     parser.add_argument(
+        "--writers",
+        type=int,
+        default=1,
+        help="throughput part: concurrent writer processes (and as many readers), each with its share of "
+        "the requests; above 1, GB/s is all their bytes over the wall time from the first start to the last end",
+    )
+    parser.add_argument(
         "--client",
         dest="client_settings",
         action="append",
@@ -205,10 +212,11 @@ def run(args: argparse.Namespace, cfg: kvconfig.Config) -> int:
         or any(p not in PARTS for p in parts)
         or args.repeat < 1
         or args.warmup < 0
+        or not 1 <= args.writers <= 16
     ):
         print(
             f"kvstore bench: --paths must name some of {PATHS}, --parts some of {PARTS}, "
-            "--sizes at least one size, --repeat >= 1",
+            "--sizes at least one size, --repeat >= 1, --writers 1 to 16",
             file=sys.stderr,
         )
         return 2
@@ -275,13 +283,16 @@ def run(args: argparse.Namespace, cfg: kvconfig.Config) -> int:
             print(f"cluster: master {master}, one node with {format_size(dram)} DRAM", flush=True)
         writer = stack.enter_context(process_pool(1))
         reader = stack.enter_context(process_pool(1))
+        # the throughput part's extra writers and readers (--writers): a process each
+        writers = [writer] + [stack.enter_context(process_pool(1)) for _ in range(args.writers - 1)]
+        readers = [reader] + [stack.enter_context(process_pool(1)) for _ in range(args.writers - 1)]
 
         if "throughput" in parts:
             assert admin_call is not None
             for path in paths:
                 for size in sizes:
                     row_pair = _throughput(
-                        args, path, size, total, request_bytes, master, admin_call, writer, reader, errors
+                        args, path, size, total, request_bytes, master, admin_call, writers, readers, errors
                     )
                     for row in row_pair:
                         row["limit_gbps"] = limit_of[path]
@@ -410,6 +421,7 @@ def run(args: argparse.Namespace, cfg: kvconfig.Config) -> int:
                 "paths": paths,
                 "layers": args.layers,
                 "page_tokens": args.page_tokens,
+                "writers": args.writers,
                 "request_bytes": request_bytes,
                 "quick": bool(args.quick),
                 "external_master": bool(external),
@@ -436,8 +448,8 @@ def _throughput(
     request_bytes: int,
     master: str,
     admin_call: Caller,
-    writer: Any,
-    reader: Any,
+    writers: list[Any],
+    readers: list[Any],
     errors: list[str],
 ) -> list[dict[str, Any]]:
     page_bytes = args.layers * size
@@ -448,21 +460,29 @@ def _throughput(
     warm: dict[str, list[dict[str, Any]]] = {"put": [], "get": []}
     for run_index in range(args.warmup + args.repeat):
         kept = runs if run_index >= args.warmup else warm
-        work = Workload(
-            master,
-            namespace,
-            path,
-            size,
-            args.layers,
-            args.page_tokens,
-            per_request,
-            requests,
-            run_index,
-            client_settings(args),
-        )
+        # each worker's share of the requests
+        shares = [requests // len(writers) + (i < requests % len(writers)) for i in range(len(writers))]
+        works = [
+            Workload(
+                master,
+                namespace,
+                path,
+                size,
+                args.layers,
+                args.page_tokens,
+                per_request,
+                share,
+                run_index,
+                client_settings(args),
+                first_request=sum(shares[:i]),
+            )
+            for i, share in enumerate(shares)
+            if share
+        ]
         try:
-            kept["put"].append(submit(writer, put_run, work).result(RUN_TIMEOUT_S))
-            kept["get"].append(submit(reader, get_run, work).result(RUN_TIMEOUT_S))
+            for op, pools, fn in (("put", writers, put_run), ("get", readers, get_run)):
+                futures = [submit(pool, fn, work) for pool, work in zip(pools, works, strict=False)]
+                kept[op].append(_concurrent([f.result(RUN_TIMEOUT_S) for f in futures]))
             run_bytes = requests * per_request * align_up(page_bytes)
             _make_room(admin_call, namespace, run_bytes, ROOM_TIMEOUT_S)
         except (KVStoreError, TimeoutError) as exc:
@@ -640,6 +660,19 @@ def _summarise(path: str, size: int, op: str, runs: list[dict[str, Any]]) -> dic
         "bytes": runs[0]["expected_bytes"],
         "bytes_short": max(r["expected_bytes"] - r["bytes"] for r in runs),
         "wrong_stamps": sum(r.get("wrong_stamps", 0) for r in runs),
+    }
+
+
+def _concurrent(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One run of several concurrent workers: their bytes over the wall time they spanned together."""
+    if len(runs) == 1:
+        return runs[0]
+    return {
+        "seconds": max(r["span"][1] for r in runs) - min(r["span"][0] for r in runs),
+        "bytes": sum(r["bytes"] for r in runs),
+        "expected_bytes": sum(r["expected_bytes"] for r in runs),
+        "wrong_stamps": sum(r.get("wrong_stamps", 0) for r in runs),
+        "workers": len(runs),
     }
 
 

@@ -36,6 +36,7 @@ class Workload:
     client_settings: tuple[
         tuple[str, str], ...
     ] = ()  # kvstore.config client settings (kvstore bench --client)
+    first_request: int = 0  # this worker's requests are [first_request, first_request + requests)
 
     @property
     def request_bytes(self) -> int:
@@ -85,7 +86,8 @@ def put_run(work: Workload) -> dict[str, Any]:
     first_words = data.view(np.int64)[:, :, 0]  # [layers, pages]: the stamp slot of each segment
     pages_written = 0
     seconds = 0.0
-    for request in range(work.requests):
+    began = time.monotonic()
+    for request in range(work.first_request, work.first_request + work.requests):
         tokens = work.tokens(request)
         first_words[:, :] = work.stamps(request)[None, :] + np.arange(work.num_layers)[:, None]
         started = time.perf_counter()
@@ -96,6 +98,7 @@ def put_run(work: Workload) -> dict[str, Any]:
         "seconds": seconds,
         "bytes": pages_written * work.segment_bytes,
         "expected_bytes": work.requests * work.request_bytes,
+        "span": (began, time.monotonic()),  # system-wide clock: concurrent workers' spans compare
     }
 
 
@@ -106,7 +109,8 @@ def get_run(work: Workload) -> dict[str, Any]:
     pages_read = 0
     wrong = 0
     seconds = 0.0
-    for request in range(work.requests):
+    began = time.monotonic()
+    for request in range(work.first_request, work.first_request + work.requests):
         tokens = work.tokens(request)
         started = time.perf_counter()
         hit = client.get_prefix(tokens, out=out)
@@ -121,6 +125,7 @@ def get_run(work: Workload) -> dict[str, Any]:
         "bytes": pages_read * work.num_layers * work.segment_bytes,
         "expected_bytes": work.requests * work.request_bytes,
         "wrong_stamps": wrong,
+        "span": (began, time.monotonic()),
     }
 
 
