@@ -352,6 +352,9 @@ class KVStoreClient:
         """
         count = num_pages * self.layout.page_size
         page_contexts = list(contexts[:num_pages]) if contexts is not None else None
+        known: SessionKey | None = getattr(self._put_local, "key", None)
+        if known is not None:  # an async put: its caller's thread worked the key out at the call
+            return src[:count], page_contexts, known
         digest = keys.sequence_digest(self._root, src, count)
         if page_contexts:
             digest = xxhash.xxh3_128(digest + b"".join(_U32.pack(len(c)) + c for c in page_contexts)).digest()
@@ -692,8 +695,8 @@ class KVStoreClient:
         puts run in call order, so the layers of a sequence are written and
         committed in the order they were handed over.  A GPU array's copy is
         queued on the GPU and the worker goes on with the next put while it runs
-        (its future completes once the bytes have landed).  ``kv`` must not be
-        modified (or freed) until its future is done.  Arguments are checked
+        (its future completes once the bytes have landed).  ``tokens`` and ``kv``
+        must not be modified (or freed) until its future is done.  Arguments are checked
         here; a put that fails aborts its sequence's put (as put_layer does) and
         the later async puts of that sequence fail without writing, until the
         next :meth:`flush`, which waits for every pending async put and raises
@@ -731,7 +734,7 @@ class KVStoreClient:
                 ErrorCode.SESSION_NOT_FOUND,
                 f"layer {layer} not written: an earlier async put of this sequence failed and aborted its put",
             )
-        self._put_local.pipelined, self._put_local.checksums = True, None
+        self._put_local.pipelined, self._put_local.checksums, self._put_local.key = True, None, key
         try:
             pages = self.put_layer(
                 tokens, layer, kv, tp_rank, tp_size, contexts=contexts, reader_host=reader_host
@@ -742,7 +745,7 @@ class KVStoreClient:
                 self._async_failed.add(key)
             raise
         finally:
-            self._put_local.pipelined, self._put_local.checksums = False, None
+            self._put_local.pipelined, self._put_local.checksums, self._put_local.key = False, None, None
 
     def flush(self, timeout: float | None = None) -> None:
         """Wait for every pending :meth:`put_layer_async`; raise the first error among them (in call order)."""

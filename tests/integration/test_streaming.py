@@ -13,11 +13,14 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import threading
+from unittest import mock
 
 import grpc
 import numpy as np
 import pytest
 
+from kvstore import keys
 from kvstore._proto import kvstore_pb2 as pb
 from kvstore.bench.streaming import StreamWork, stream_reader, stream_writer
 from kvstore.errors import ErrorCode, KVStoreError
@@ -190,9 +193,19 @@ def test_put_layer_async_and_flush(cluster, client, namespace):
     work = _work(cluster, namespace, seed=14, pages=4, layers=layers)
     tokens = work.tokens()
     data = [work.layer_bytes(layer) for layer in range(layers)]
-    futures = [c.put_layer_async(tokens, layer, data[layer]) for layer in range(layers)]
-    c.flush(timeout=60)
+    digests = []
+    real_digest = keys.sequence_digest
+
+    def counted(*args, **kwargs):  # type: ignore[no-untyped-def]
+        digests.append(threading.current_thread().name)
+        return real_digest(*args, **kwargs)
+
+    with mock.patch.object(keys, "sequence_digest", counted):
+        futures = [c.put_layer_async(tokens, layer, data[layer]) for layer in range(layers)]
+        c.flush(timeout=60)
     assert [f.result() for f in futures] == [4] * layers
+    # the session key is worked out once per call, on the caller's thread: the put worker reuses it
+    assert digests == [threading.current_thread().name] * layers
     hit = c.get_prefix(tokens)
     assert hit.num_pages == 4
     for layer in range(layers):
