@@ -729,7 +729,7 @@ done:
 /* tokens_digest(prefix, src, itemsize, signed, count): XXH3_128 (canonical bytes) of ``prefix``
  * followed by the first ``count`` tokens of ``src`` as int32 little-endian, every token checked to
  * lie in [0, 2^31) on the way.  Returns (first bad index or -1, digest).  The tokens are converted
- * in blocks that stay in L1: no int32 copy of the prompt is made (keys.session_digest). */
+ * in blocks that stay in L1: no int32 copy of the prompt is made (keys.sequence_digest). */
 static PyObject *py_tokens_digest(PyObject *self, PyObject *args) {
     Py_buffer prefix, src;
     Py_ssize_t itemsize, count;

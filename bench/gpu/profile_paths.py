@@ -98,19 +98,19 @@ def _instrument() -> None:
         (transfer, "fusable"),
         (transfer, "_pool_device_data"),
         (engine.GpuEngine, "wait_for"),
-        (engine.GpuEngine, "copy_hash_segments"),
+        (engine.GpuEngine, "upload_ops"),
         (engine.GpuEngine, "sync"),
     ):
         if hasattr(owner, name):
             _wrap(owner, name, name)
     for owner, name in (
         (client_module.KVStoreClient, "put_layer"),
-        (engine.GpuEngine, "copy_hash_segments_queued"),
+        (engine.GpuEngine, "copy_hash_ops_queued"),
         (client_module, "_finish_checksums"),
     ):
         if hasattr(owner, name):
             _wrap(owner, name, name, stamp=True)
-    _mark_gpu(engine.GpuEngine, "copy_hash_segments_queued")
+    _mark_gpu(engine.GpuEngine, "copy_hash_ops_queued")
 
 
 def _pinned_copy_gbps() -> float:

@@ -151,26 +151,21 @@ def test_unreachable_master_is_a_clear_error():
     assert "Traceback" not in result.stderr
 
 
+def _bench_report(out, *args: str, timeout: float = 180) -> dict:  # type: ignore[no-untyped-def]
+    """Run ``kvstore bench ARGS --json OUT``; its JSON report (the command must succeed)."""
+    result = run_cli("bench", *args, "--json", str(out), timeout=timeout)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return json.loads(out.read_text())
+
+
 def test_bench_quick_smoke(tmp_path):
     out = tmp_path / "not-yet" / "bench.json"  # the bench makes the folder
-    result = run_cli(
-        "bench",
-        "--parts",
-        "throughput",
-        "--bytes",
-        "16MiB",
-        "--sizes",
-        "64KiB",
-        "--repeat",
-        "1",
-        "--client",
-        "commit_each_layer=false",  # the readers check every page's stamp: one commit per request loses nothing
-        "--json",
-        str(out),
-        timeout=180,
+    report = _bench_report(
+        out,
+        *("--parts", "throughput", "--bytes", "16MiB", "--sizes", "64KiB", "--repeat", "1"),
+        # the readers check every page's stamp: one commit per request loses nothing
+        *("--client", "commit_each_layer=false"),
     )
-    assert result.returncode == 0, result.stdout + result.stderr
-    report = json.loads(out.read_text())
     assert report["settings"]["client_settings"] == {"commit_each_layer": "false"}
     assert {r["path"] for r in report["results"]} == {"shm", "tcp"}
     assert {r["op"] for r in report["results"]} == {"put", "get"}
@@ -199,28 +194,11 @@ def test_bench_rejects_bad_client_settings_before_any_run(setting, why):
 
 def test_bench_concurrent_writers_write_and_read_every_request(tmp_path):
     out = tmp_path / "bench.json"
-    result = run_cli(
-        "bench",
-        "--parts",
-        "throughput",
-        "--paths",
-        "shm",
-        "--bytes",
-        "16MiB",
-        "--request-bytes",
-        "2MiB",
-        "--sizes",
-        "64KiB",
-        "--repeat",
-        "1",
-        "--writers",
-        "3",
-        "--json",
-        str(out),
-        timeout=180,
+    report = _bench_report(
+        out,
+        *("--parts", "throughput", "--paths", "shm", "--bytes", "16MiB", "--request-bytes", "2MiB"),
+        *("--sizes", "64KiB", "--repeat", "1", "--writers", "3"),
     )
-    assert result.returncode == 0, result.stdout + result.stderr
-    report = json.loads(out.read_text())
     assert report["settings"]["writers"] == 3
     assert {r["op"] for r in report["results"]} == {"put", "get"}
     for row in report["results"]:
@@ -239,29 +217,12 @@ def test_bench_refuses_an_unwritable_json_path_before_any_run(tmp_path):
 def test_bench_other_parts_smoke(tmp_path):
     out = tmp_path / "bench.json"
     parts = "control,memory,latency" + (",redis" if shutil.which("redis-server") else "")
-    result = run_cli(
-        "bench",
-        "--quick",
-        "--parts",
-        parts,
-        "--paths",
-        "shm",
-        "--bytes",
-        "16MiB",
-        "--sizes",
-        "64KiB",
-        "--repeat",
-        "1",
-        "--memory-pages",
-        "5000",
-        "--latency-samples",
-        "50",
-        "--json",
-        str(out),
+    report = _bench_report(
+        out,
+        *("--quick", "--parts", parts, "--paths", "shm", "--bytes", "16MiB", "--sizes", "64KiB"),
+        *("--repeat", "1", "--memory-pages", "5000", "--latency-samples", "50"),
         timeout=300,
     )
-    assert result.returncode == 0, result.stdout + result.stderr
-    report = json.loads(out.read_text())
     control = report["control"]
     assert control["pages"] == 2048 and control["put_layer_first"]["p50_ms"] > 0
     assert control["match_prefix"]["n"] == control["requests"]
