@@ -115,7 +115,8 @@ class CudaIpcTransport(MappedRegionTransport):
         region = self.region_pointer(gpu.device)
         if region is None:
             return self._fallback.write(batch, plan)
-        # checked here, not by the kernel: the generation file is mapped read-only in this process
+        # checked here, not by the kernel: this process maps the generation file read-only, and
+        # registering that mapping with CUDA failed (docs/decisions.md, "GPU data plane")
         self.check_before_write(batch)
         with gpu.engine:
             fused = transfer.write_hashed(plan, batch, region, None)
