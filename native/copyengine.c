@@ -379,6 +379,13 @@ static int wait_fd(int fd, short events, int timeout_ms) {
     }
 }
 
+/* After a send or recv that failed: 1 to try again (interrupted, or the socket became ready within
+ * timeout_ms), 0 to give up with errno set (ETIMEDOUT when the wait ran out). */
+static int io_retry(int fd, short events, int timeout_ms) {
+    if (errno == EINTR) return 1;
+    return (errno == EAGAIN || errno == EWOULDBLOCK) && wait_fd(fd, events, timeout_ms) == 0;
+}
+
 /* 0 on success; -1 with errno set; -2 when the peer closed the connection (recv). */
 static int transfer(int fd, const uint64_t *ops, size_t n, uint64_t *hashes, int timeout_ms, int sending,
                     uint64_t *moved) {
@@ -397,14 +404,7 @@ static int transfer(int fd, const uint64_t *ops, size_t n, uint64_t *hashes, int
         msg.msg_iovlen = (size_t)count;
         ssize_t r = sending ? sendmsg(fd, &msg, MSG_NOSIGNAL) : recvmsg(fd, &msg, 0);
         if (r < 0) {
-            if (errno == EINTR) continue;
-            if (errno == EAGAIN || errno == EWOULDBLOCK) {
-                if (wait_fd(fd, sending ? POLLOUT : POLLIN, timeout_ms) != 0) {
-                    *moved = done;
-                    return -1;
-                }
-                continue;
-            }
+            if (io_retry(fd, sending ? POLLOUT : POLLIN, timeout_ms)) continue;
             *moved = done;
             return -1;
         }
@@ -439,8 +439,7 @@ static int recv_staged(int fd, const uint64_t *ops, size_t n, uint64_t *hashes, 
         size_t want = total - done < stage_len ? (size_t)(total - done) : stage_len;
         ssize_t r = recv(fd, stage, want, 0);
         if (r < 0) {
-            if (errno == EINTR) continue;
-            if ((errno == EAGAIN || errno == EWOULDBLOCK) && wait_fd(fd, POLLIN, timeout_ms) == 0) continue;
+            if (io_retry(fd, POLLIN, timeout_ms)) continue;
             rc = -1;
             break;
         }

@@ -197,28 +197,20 @@ def write_hashed(
     gpu: GpuPlan = plan.device
     if gpu.canonical is None or RECT_WRITES:
         return None
-    shape = (len(plan.layers), len(batch), plan.runs_per_shard)
-    if len(plan.layers) == 1:
-        # a put_layer: the batch's tables are on the device already from an earlier layer
-        ops, checks, aligned = _layer_ops(plan, batch)
-        dst_base = slots_address + plan.layout.segment_offset(plan.layers[0])
-        src_base = gpu.canonical.ptr
-    else:
-        table = _canonical_table(plan, batch, _slot_run_starts(plan, batch, slots_address), 0, True)
-        aligned, dst_base, src_base = fusable(table), 0, 0
-        if aligned:
-            ops, checks = (
-                gpu.engine.upload_ops(table),
-                gpu.engine.upload_ops(_generation_checks(plan, batch), 2),
-            )
-    if not aligned or (dst_base | src_base) & 15:
+    ops, checks, aligned = _relative_ops(plan, batch)
+    dst_base = slots_address + _layer_base(plan)
+    if not aligned or (dst_base | gpu.canonical.ptr) & 15:
         return None
     gpu.engine.wait_for(gpu.producer_stream)
     gpu.engine.begin()
-    if generations_address is None:
-        queued = gpu.engine.copy_hash_ops_queued(ops, dst_base, src_base)
-    else:
-        queued = gpu.engine.copy_hash_ops_queued(ops, dst_base, src_base, checks, generations_address)
+    queued = gpu.engine.copy_hash_ops_queued(
+        ops,
+        dst_base,
+        gpu.canonical.ptr,
+        None if generations_address is None else checks,
+        generations_address or 0,
+    )
+    shape = (len(plan.layers), len(batch), plan.runs_per_shard)
 
     def finish() -> np.ndarray:
         hashes, skipped = queued()
@@ -233,6 +225,12 @@ def write_hashed(
         return finish
     gpu.engine.sync()
     return finish()
+
+
+def _layer_base(plan: CopyPlan) -> int:
+    """What a write's relative table leaves to the kernel's slot-side base: a one-layer plan's
+    segment offset (so that one table serves every layer of a batch), else nothing."""
+    return plan.layout.segment_offset(plan.layers[0]) if len(plan.layers) == 1 else 0
 
 
 def _generation_checks(plan: CopyPlan, batch: NodeBatch) -> np.ndarray:
@@ -252,28 +250,33 @@ _OPS_MEMO_SIZE = 8
 _ops_memo_lock = threading.Lock()
 
 
-def _layer_ops(plan: CopyPlan, batch: NodeBatch) -> tuple[Any, Any, bool]:
-    """(device table of (slot offset + offset in slot, offset in the array, length) rows, device
-    table of their generation checks, whether every row is 16-byte aligned) of a one-layer write
-    of ``batch``, relative to the layer's segment and the array's start."""
+def _relative_ops(plan: CopyPlan, batch: NodeBatch) -> tuple[Any, Any, bool]:
+    """(device table of (slot-side offset, offset in the array, length) rows, device table of
+    their generation checks, whether every row is 16-byte aligned) of a write of ``batch``: the
+    slot side relative to the slot area plus :func:`_layer_base`, the array side to its start.
+    A one-layer plan's tables are remembered per batch."""
     gpu: GpuPlan = plan.device
+    assert gpu.canonical is not None
+    one_layer = len(plan.layers) == 1
     shape_key = (plan.layout, plan.heads, plan.num_pages, gpu.device)
-    with _ops_memo_lock:
-        hit = _OPS_MEMO.get(id(batch))
-        if hit is not None and hit[0] is batch and hit[1] == shape_key:
-            _OPS_MEMO.move_to_end(id(batch))
-            return hit[2], hit[3], hit[4]
+    if one_layer:
+        with _ops_memo_lock:
+            hit = _OPS_MEMO.get(id(batch))
+            if hit is not None and hit[0] is batch and hit[1] == shape_key:
+                _OPS_MEMO.move_to_end(id(batch))
+                return hit[2], hit[3], hit[4]
     table = _canonical_table(plan, batch, _slot_run_starts(plan, batch, 0), 0, True)
-    table[..., 0] -= np.uint64(plan.layout.segment_offset(plan.layers[0]))
-    table[..., 1] -= np.uint64(gpu.canonical.ptr)  # type: ignore[union-attr]
+    table[..., 0] -= np.uint64(_layer_base(plan))
+    table[..., 1] -= np.uint64(gpu.canonical.ptr)
     rows = table.reshape(-1, 3)
-    ops = gpu.engine.upload_ops(rows)
-    checks = gpu.engine.upload_ops(_generation_checks(plan, batch), 2)
     aligned = fusable(rows)
-    with _ops_memo_lock:
-        _OPS_MEMO[id(batch)] = (batch, shape_key, ops, checks, aligned)
-        while len(_OPS_MEMO) > _OPS_MEMO_SIZE:
-            _OPS_MEMO.popitem(last=False)
+    ops = gpu.engine.upload_ops(rows) if aligned else None
+    checks = gpu.engine.upload_ops(_generation_checks(plan, batch), 2) if aligned else None
+    if one_layer:
+        with _ops_memo_lock:
+            _OPS_MEMO[id(batch)] = (batch, shape_key, ops, checks, aligned)
+            while len(_OPS_MEMO) > _OPS_MEMO_SIZE:
+                _OPS_MEMO.popitem(last=False)
     return ops, checks, aligned
 
 
@@ -383,16 +386,14 @@ def _to_slots(plan: CopyPlan, batch: NodeBatch, data_device_address: int, to_slo
 # ----------------------------------------------------------------------------- same host
 
 
+def _pool_device_base(transport: ShmTransport, device: int) -> int:
+    """The pool mapping as the device sees it (registered whole: slot area and generation table)."""
+    pool = transport.pool
+    return hostreg.device_pointer(pool.base_address, len(pool.bytes), device)
+
+
 def _pool_device_data(transport: ShmTransport, device: int) -> int:
-    pool = transport.pool
-    base = hostreg.device_pointer(pool.base_address, len(pool.bytes), device)
-    return base + pool.header.data_offset
-
-
-def _pool_device_generations(transport: ShmTransport, device: int) -> int:
-    """The pool's generation table as the device sees it (the pool mapping is registered whole)."""
-    pool = transport.pool
-    return hostreg.device_pointer(pool.base_address, len(pool.bytes), device) + pool.header.gen_offset
+    return _pool_device_base(transport, device) + transport.pool.header.data_offset
 
 
 def run_hashes_on_device(plan: CopyPlan, batch: NodeBatch, slots_address: int | None) -> np.ndarray:
@@ -424,13 +425,9 @@ def shm_write(transport: ShmTransport, batch: NodeBatch, plan: CopyPlan, threads
     deferred to the client's hash thread, which reads the landed pool bytes.
     """
     gpu: GpuPlan = plan.device
+    base, header = _pool_device_base(transport, gpu.device), transport.pool.header
     with gpu.engine:
-        fused = write_hashed(
-            plan,
-            batch,
-            _pool_device_data(transport, gpu.device),
-            _pool_device_generations(transport, gpu.device),
-        )
+        fused = write_hashed(plan, batch, base + header.data_offset, base + header.gen_offset)
     if callable(fused):  # queued, not landed: the pool stays mapped until the copy is done
         return hold_until_done(transport.in_use(), fused)
     if fused is not None:

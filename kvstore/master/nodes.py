@@ -35,6 +35,7 @@ from kvstore._proto import kvstore_pb2 as pb
 from kvstore._proto import kvstore_pb2_grpc as pb_grpc
 from kvstore.errors import ErrorCode, KVStoreError, from_rpc_error
 from kvstore.master.allocator import RegionAllocator
+from kvstore.master.notifier import answered
 
 log = logging.getLogger("kvstore.master.nodes")
 
@@ -252,7 +253,7 @@ class NodeRegistry:
         """
         record = self.by_index.get(index)
         if record is None:
-            return _answered()  # gone: its slots went with it
+            return answered()  # gone: its slots went with it
         if record.primary is not None:
             updates.tier = record.tier
         node = record.primary or record  # one stream per node process, whatever the region
@@ -268,12 +269,12 @@ class NodeRegistry:
                         return await self._post_streamed(node, call, updates)
                     if await self._send_streamed(node, updates):
                         node.updates_proven, node.updates_turn = node.updates_call, None
-                        return _answered()
+                        return answered()
         try:
             await self.stub(record).ApplySlotUpdates(updates, timeout=self.rpc_timeout_s)
         except grpc.aio.AioRpcError as err:
             raise from_rpc_error(err) from err
-        return _answered()
+        return answered()
 
     async def _post_streamed(
         self, node: NodeRecord, call: Any, updates: pb.SlotUpdates
@@ -375,13 +376,6 @@ class NodeRegistry:
             if record.channel is not None:
                 await record.channel.close()
                 record.channel, record.stub = None, None
-
-
-def _answered() -> asyncio.Future[None]:
-    """An answer that is already there (a batch sent by a whole round trip, or to nobody)."""
-    done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-    done.set_result(None)
-    return done
 
 
 def _pass_turn(turn: asyncio.Future[None], _: asyncio.Task[None]) -> None:

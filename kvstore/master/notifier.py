@@ -38,6 +38,13 @@ written without waiting for the answers to those before it (NodeRegistry.post_up
 """
 
 
+def answered() -> asyncio.Future[None]:
+    """A Poster's answer that is already there (a batch sent by a whole round trip, or to nobody)."""
+    done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    done.set_result(None)
+    return done
+
+
 @dataclass
 class _Batch:
     namespaces: dict[str, int] = field(default_factory=dict)
@@ -188,9 +195,7 @@ class Notifier:
     async def _send_and_wait(self, node: int, msg: pb.SlotUpdates) -> Awaitable[None]:
         """A Poster from a plain Sender: the whole round trip, then an answer already there."""
         await self._send(node, msg)
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        done.set_result(None)
-        return done
+        return answered()
 
     async def flush(self, node: int, urgent: bool = True) -> bool:
         """Send everything queued for ``node``, in order; False if the node could not be reached.

@@ -241,27 +241,19 @@ class Inventory:
             ns_ids = np.full(n, self._namespace_id(namespaces[0]), dtype=np.uint16)
         else:
             ns_ids = np.array([self._namespace_id(name) for name in namespaces], dtype=np.uint16)
+        rounds: list[slice | np.ndarray]
         if n == 1 or bool((units[1:] > units[:-1]).all()):  # ascending: every slot once (the usual)
-            self._assign_distinct(
-                units,
-                generations.astype(np.uint32),
-                slot_bytes.astype(np.uint64),
-                ns_ids,
-                key_rows,
-                parent_rows,
-            )
-            self._slot_units[units] = slot_bytes // SLOT_UNIT
-            self._sweep(n)
-            return n
-        # A slot named twice in one batch (never sent by a master, but cheap to get right):
-        # apply the k-th naming of every slot in round k, as if the batch ran in order.
-        order = np.argsort(units, kind="stable")
-        sorted_units = units[order]
-        starts = np.flatnonzero(np.r_[True, sorted_units[1:] != sorted_units[:-1]])
-        rank = np.empty(n, dtype=np.int64)
-        rank[order] = np.arange(n) - np.repeat(starts, np.diff(np.r_[starts, n]))
-        for k in range(int(rank.max()) + 1):
-            pick = np.flatnonzero(rank == k)
+            rounds = [slice(None)]
+        else:
+            # A slot named twice in one batch (never sent by a master, but cheap to get right):
+            # apply the k-th naming of every slot in round k, as if the batch ran in order.
+            order = np.argsort(units, kind="stable")
+            sorted_units = units[order]
+            starts = np.flatnonzero(np.r_[True, sorted_units[1:] != sorted_units[:-1]])
+            rank = np.empty(n, dtype=np.int64)
+            rank[order] = np.arange(n) - np.repeat(starts, np.diff(np.r_[starts, n]))
+            rounds = [np.flatnonzero(rank == k) for k in range(int(rank.max()) + 1)]
+        for pick in rounds:
             self._assign_distinct(
                 units[pick],
                 generations[pick].astype(np.uint32),
