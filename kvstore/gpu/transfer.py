@@ -188,11 +188,13 @@ def write_hashed(
     ``generations_address``: the region's u32 generation table as the device sees it; the kernel
     copies a slot's bytes only while the slot is still at the generation the batch names (the
     one-sided write's check, done where and when the bytes move) and the write fails with
-    SESSION_NOT_FOUND if any slot moved.  None: the caller checked the generations already.  Returns the run hashes, [layers, pages, runs], once the
-    bytes have landed (or, for a plan that does not wait, at once a callable that waits for them
-    and returns them); None (nothing done, nothing checked) when the batch does not suit the fused
-    kernel (the caller checks, copies and hashes apart) or the benchmarks force the copy engines.
-    Call inside the engine's lock.
+    SESSION_NOT_FOUND if any slot moved.  None: the caller checked the generations already.
+
+    Returns the run hashes, [layers, pages, runs], once the bytes have landed (or, for a plan
+    that does not wait, at once a callable that waits for them and returns them); None (nothing
+    done, nothing checked) when the batch does not suit the fused kernel (the caller checks,
+    copies and hashes apart) or the benchmarks force the copy engines.  Call inside the engine's
+    lock.
     """
     gpu: GpuPlan = plan.device
     if gpu.canonical is None or RECT_WRITES:
