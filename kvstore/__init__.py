@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from kvstore.client import AsyncKVStoreClient, KVStoreClient, Lease, PrefixHit
     from kvstore.errors import ErrorCode, KVStoreError
+    from kvstore.keys import TokenSequence
 
 __version__ = "0.1.0"
 
@@ -22,9 +23,18 @@ _EXPORTS = {
     "Lease": "kvstore.client",
     "KVStoreError": "kvstore.errors",
     "ErrorCode": "kvstore.errors",
+    "TokenSequence": "kvstore.keys",
 }
 
-__all__ = ["AsyncKVStoreClient", "ErrorCode", "KVStoreClient", "KVStoreError", "Lease", "PrefixHit"]
+__all__ = [
+    "AsyncKVStoreClient",
+    "ErrorCode",
+    "KVStoreClient",
+    "KVStoreError",
+    "Lease",
+    "PrefixHit",
+    "TokenSequence",
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -144,8 +144,23 @@ def _bench_client(master: str, transport: str, switch_ms: float) -> Any:
 
 
 def writer(
-    master: str, pages: int, layers: int, reps: int, lib: str, transport: str, switch_ms: float = 0.0
+    master: str,
+    pages: int,
+    layers: int,
+    reps: int,
+    lib: str,
+    transport: str,
+    switch_ms: float = 0.0,
+    token_sequence: bool = False,
 ) -> dict[str, Any]:
+    """Per-layer puts, synchronous and pipelined; ``token_sequence``: each request's tokens passed
+    as one kvstore.TokenSequence (converted and hashed once), as an engine would."""
+    from kvstore.keys import TokenSequence
+
+    def request_tokens(seed: int) -> Any:
+        tokens = prompt(seed, pages * PAGE)
+        return TokenSequence(tokens) if token_sequence else tokens
+
     client = _bench_client(master, transport, switch_ms)
     seg = client.layout.segment_bytes
     kv = [_gpu_tensor(lib, pages, seg, True) for _ in range(layers)]
@@ -165,7 +180,7 @@ def writer(
     for rep in range(reps):
         path = PATHS[rep % 2] if reps > 1 else PATHS[0]
         _set_path(path)
-        tokens = prompt(rep, pages * PAGE)
+        tokens = request_tokens(rep)
         start = time.perf_counter()
         for layer in range(layers):
             t0 = time.perf_counter()
@@ -186,7 +201,7 @@ def writer(
     # over back to back; their GB/s from layer 0's completion to the flush (the durable commit)
     async_after_first: list[float] = []
     for rep in range(ASYNC_REPS):
-        tokens = prompt(10_000 + rep, pages * PAGE)
+        tokens = request_tokens(10_000 + rep)
         client.put_layer_async(tokens, 0, kv[0]).result(120)
         t0 = time.perf_counter()
         for layer in range(1, layers):
@@ -196,6 +211,7 @@ def writer(
     client.close()
     nbytes = pages * seg
     result: dict[str, Any] = {
+        "token_sequence": token_sequence,
         "put_first_layer_s": first_layer,
         "put_first_layer_GBps": nbytes / _median(first_layer) / 1e9,
         "put_last_layer_s": last_layer,
@@ -451,9 +467,12 @@ def _switch_interval(ms: float) -> None:
         sys.setswitchinterval(ms / 1000.0)
 
 
-def stream_writer_setup(master: str, pages: int, layers: int, lib: str, switch_ms: float = 0.0) -> float:
+def stream_writer_setup(
+    master: str, pages: int, layers: int, lib: str, switch_ms: float = 0.0, write_path: str = "sdk"
+) -> float:
     """The prefill process: a client, one GPU tensor per layer, the kernel and pool warmed up."""
     _switch_interval(switch_ms)
+    _set_path(write_path)
     from kvstore.client import KVStoreClient
     from kvstore.config import load
 
@@ -599,6 +618,7 @@ def stream_bench(
     layer_ms: float,
     switch_ms: float = 0.0,
     read_path: str = "sdk",
+    write_path: str = "sdk",
 ) -> dict[str, Any]:
     """Prefill and decoder in two processes; the decoder has every layer how long after the last commit?"""
     seg = 2 * KV_HEADS * PAGE * HEAD_DIM * 2
@@ -617,7 +637,7 @@ def stream_bench(
         setup.close()
         with process_pool(1) as wpool, process_pool(1) as dpool:
             put_layer_s = wpool.submit(
-                stream_writer_setup, cluster.master_address, pages, layers, lib, switch_ms
+                stream_writer_setup, cluster.master_address, pages, layers, lib, switch_ms, write_path
             ).result()
             dpool.submit(
                 stream_decoder_setup, cluster.master_address, pages, layers, lib, switch_ms, read_path
@@ -640,6 +660,8 @@ def stream_bench(
         "layer_bytes": nbytes,
         "reps": reps,
         "layer_compute_ms": layer_ms,
+        "read_path": read_path,
+        "write_path": write_path,
         # decoder has every layer, minus the writer's last put_layer_async done (its CommitLayer answered)
         "all_layers_after_last_commit_s": [
             a - r["writer"]["done"][-1] for a, r in zip(all_ready, runs, strict=True)
@@ -942,6 +964,17 @@ def main() -> None:
         default="sdk",
         help="the decoder's read path (sdk: strided copies where the slots allow, else the kernel)",
     )
+    parser.add_argument(
+        "--stream-write-path",
+        choices=("sdk", "kernel", "copy_engine"),
+        default="sdk",
+        help="the prefill's write path (sdk: one copy-and-hash kernel; copy_engine: strided copies, then a hash kernel)",
+    )
+    parser.add_argument(
+        "--token-sequence",
+        action="store_true",
+        help="the writer passes each request's tokens as one kvstore.TokenSequence (hashed once)",
+    )
     parser.add_argument("--vram-only", action="store_true", help="run the VRAM tier bench alone")
     parser.add_argument("--hash-only", action="store_true", help="run the GPU XXH3 kernel bench alone")
     parser.add_argument(
@@ -980,6 +1013,7 @@ def main() -> None:
                 args.stream_layer_ms,
                 args.stream_switch_ms,
                 args.stream_read_path,
+                args.stream_write_path,
             ),
         }
         _emit(result, args.json)
@@ -1026,7 +1060,7 @@ def main() -> None:
                 args.transport,
                 args.switch_ms,
             )
-            result["writer"] = wpool.submit(writer, *common).result()
+            result["writer"] = wpool.submit(writer, *common, args.token_sequence).result()
             result["reader"] = rpool.submit(reader, *common).result()
             if not args.skip_baselines:
                 pool_file = os.path.join(cluster.shm_dir, cluster.pool_files()[0])
@@ -1054,6 +1088,7 @@ def main() -> None:
             args.stream_layer_ms,
             args.stream_switch_ms,
             args.stream_read_path,
+            args.stream_write_path,
         )
     _emit(result, args.json)
 

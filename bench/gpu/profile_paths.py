@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import argparse
 import collections
+import cProfile
 import functools
+import io
 import json
 import os
+import pstats
 import resource
 import statistics
 import sys
@@ -150,6 +153,14 @@ def main() -> None:
     parser.add_argument(
         "--switch-ms", type=float, default=0.0, help="sys.setswitchinterval, ms (0: Python's)"
     )
+    parser.add_argument(
+        "--token-sequence", action="store_true", help="pass each prompt as one kvstore.TokenSequence"
+    )
+    parser.add_argument(
+        "--cprofile",
+        action="store_true",
+        help="cProfile the synchronous middle layers; print the top functions",
+    )
     args = parser.parse_args()
     layers, sync_prompts, async_prompts = args.layers, args.sync_prompts, args.async_prompts
     import cupy
@@ -196,14 +207,25 @@ def main() -> None:
         result: dict[str, Any] = {"sync": {}, "async": [], "pinned_copy_GBps": limit}
         # synchronous middle layers: host phases
         calls: list[float] = []
+        profiler = cProfile.Profile() if args.cprofile else None
+
+        def request_tokens(seed: int) -> Any:
+            tokens = prompt(seed, PAGES * 16)
+            return keys.TokenSequence(tokens) if args.token_sequence else tokens
+
         for rep in range(sync_prompts):
-            tokens = prompt(rep, PAGES * 16)
+            tokens = request_tokens(rep)
             for layer in range(layers):
                 before = {label: len(values) for label, values in _spent.items()}
                 fbefore = {label: len(values) for label, values in _faults.items()}
+                middle = 0 < layer < layers - 1
+                if profiler is not None and middle:
+                    profiler.enable()
                 t0 = time.perf_counter()
                 client.put_layer(tokens, layer, kv[layer])
-                if 0 < layer < layers - 1:
+                if profiler is not None and middle:
+                    profiler.disable()
+                if middle:
                     calls.append(time.perf_counter() - t0)
                 else:  # the first (OpenPut) and last (final commit) layers: not the per-call phases
                     for label, values in _spent.items():
@@ -224,9 +246,17 @@ def main() -> None:
             )
             result["sync"][label] = 1000 * per_call
         result["sync"]["put_layer_median_ms"] = _median_ms(calls)
+        if profiler is not None:
+            report = io.StringIO()
+            pstats.Stats(profiler, stream=report).sort_stats("tottime").print_stats(35)
+            print(f"cProfile of the {len(calls)} middle-layer calls (tottime, then cumulative):")
+            print(report.getvalue())
+            report = io.StringIO()
+            pstats.Stats(profiler, stream=report).sort_stats("cumulative").print_stats(30)
+            print(report.getvalue())
         # pipelined async sequence: timeline
         for rep in range(async_prompts):
-            tokens = prompt(1000 + rep, PAGES * 16)
+            tokens = request_tokens(1000 + rep)
             client.put_layer_async(tokens, 0, kv[0]).result(120)
             _events.clear()
             _gpu_marks.clear()

@@ -344,18 +344,22 @@ class KVStoreClient:
         contexts: Sequence[bytes] | None,
         tp_rank: int,
         tp_size: int,
+        tokens: Any,
     ) -> tuple[np.ndarray, list[bytes] | None, SessionKey]:
         """(keyed tokens, their page contexts, put session key): what put_layers and abort agree on.
 
         The key is one digest of the keyed tokens (every token checked on the way), not the
-        whole key chain: put_layer runs once per layer.
+        whole key chain: put_layer runs once per layer.  ``tokens``: the caller's, whose
+        digest a :class:`~kvstore.keys.TokenSequence` remembers.
         """
         count = num_pages * self.layout.page_size
         page_contexts = list(contexts[:num_pages]) if contexts is not None else None
         known: SessionKey | None = getattr(self._put_local, "key", None)
         if known is not None:  # an async put: its caller's thread worked the key out at the call
             return src[:count], page_contexts, known
-        digest = keys.sequence_digest(self._root, src, count)
+        digest = keys.sequence_digest(
+            self._root, tokens if isinstance(tokens, keys.TokenSequence) else src, count
+        )
         if page_contexts:
             digest = xxhash.xxh3_128(digest + b"".join(_U32.pack(len(c)) + c for c in page_contexts)).digest()
         return src[:count], page_contexts, (digest, tp_rank, tp_size)
@@ -399,7 +403,7 @@ class KVStoreClient:
     ) -> int:
         """:meth:`put_layer` for several layers at once: ``kv`` is ``[len(layers), num_full_pages, shard_bytes]``."""
         src, num_pages = self._put_tokens(tokens)
-        keyed, page_contexts, key = self._put_session_key(src, num_pages, contexts, tp_rank, tp_size)
+        keyed, page_contexts, key = self._put_session_key(src, num_pages, contexts, tp_rank, tp_size, tokens)
         layout = self.layout
         layer_list = layout.check_layers(list(layers))
         if len(set(layer_list)) != len(layer_list):
@@ -703,7 +707,11 @@ class KVStoreClient:
         the first error.  :meth:`close` flushes first.
         """
         src, num_pages = self._put_tokens(tokens)
-        key = self._put_session_key(src, num_pages, contexts, tp_rank, tp_size)[2] if num_pages else None
+        key = (
+            self._put_session_key(src, num_pages, contexts, tp_rank, tp_size, tokens)[2]
+            if num_pages
+            else None
+        )
         with self._async_lock:
             if self._put_worker is None:
                 self._put_worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="kvstore-put")
@@ -781,7 +789,7 @@ class KVStoreClient:
         src, num_pages = self._put_tokens(tokens)
         if num_pages == 0:
             return 0
-        _, _, key = self._put_session_key(src, num_pages, contexts, tp_rank, tp_size)
+        _, _, key = self._put_session_key(src, num_pages, contexts, tp_rank, tp_size, tokens)
         session = self._sessions.drop(key)
         if session is None or not session.has_work:
             return 0

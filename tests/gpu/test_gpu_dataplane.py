@@ -14,7 +14,7 @@ import pytest
 cupy = pytest.importorskip("cupy", reason="GPU tests need CuPy")
 
 from kvstore import native  # noqa: E402
-from kvstore.gpu import PagedKV, layouts  # noqa: E402
+from kvstore.gpu import PagedKV, layouts, transfer  # noqa: E402
 from kvstore.gpu.engine import engine_for, split_long  # noqa: E402
 from kvstore.layout import Layout  # noqa: E402
 from kvstore.testing import committed_checksums, prompt, row_hashes, wait_for  # noqa: E402
@@ -495,6 +495,25 @@ def test_async_gpu_puts_pipeline_and_complete_once_landed(cluster, client, names
     reader = client(cluster, namespace, transport=transport)
     out = cupy.zeros((3, 7, layout.segment_bytes), dtype=cupy.uint8)
     assert reader.get_prefix(tokens, out=out).num_pages == 7
+    assert np.array_equal(cupy.asnumpy(out), np.stack(host))
+    committed = committed_checksums(cluster.nodes[0].control_address)
+    assert set(row_hashes(np.stack(host).reshape(-1, layout.segment_bytes)).tolist()) <= committed
+
+
+def test_copy_engine_writes_queue_and_land_with_their_checksums(cluster, client, namespace, monkeypatch):
+    """The copy-engine write path (hash from HBM, strided copies), synchronous and queued, lands intact."""
+    monkeypatch.setattr(transfer, "RECT_WRITES", True)
+    writer = client(cluster, namespace)
+    layout = _namespace(writer)
+    tokens = prompt(93, 5 * PAGE)
+    rng = np.random.default_rng(93)
+    host = [rng.integers(0, 256, (5, layout.segment_bytes), dtype=np.uint8) for _ in range(3)]
+    assert writer.put_layer(tokens, 0, cupy.asarray(host[0])) == 5
+    futures = [writer.put_layer_async(tokens, layer, cupy.asarray(host[layer])) for layer in (1, 2)]
+    assert [f.result(30) for f in futures] == [5, 5]
+    writer.flush()
+    out = cupy.zeros((3, 5, layout.segment_bytes), dtype=cupy.uint8)
+    assert client(cluster, namespace).get_prefix(tokens, out=out).num_pages == 5
     assert np.array_equal(cupy.asnumpy(out), np.stack(host))
     committed = committed_checksums(cluster.nodes[0].control_address)
     assert set(row_hashes(np.stack(host).reshape(-1, layout.segment_bytes)).tolist()) <= committed

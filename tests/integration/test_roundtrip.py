@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from kvstore.keys import TokenSequence
 from kvstore.testing import get_layers, page_bytes, prompt, put_layers
 
 PAGE = 16
@@ -72,6 +73,25 @@ def test_partial_prefix(cluster, client, namespace):
     short = c.get_prefix(tokens[: 2 * PAGE + 5])
     assert short.num_pages == 2
     np.testing.assert_array_equal(short.layer(0), layers[0][:2])
+
+
+def test_a_token_sequence_and_plain_tokens_are_the_same_put_and_prefix(cluster, client, namespace):
+    """One put session whether a layer names its tokens as a TokenSequence or a plain array."""
+    c = _create(client, cluster, namespace)
+    tokens = prompt(6, 5 * PAGE + 3)
+    seq = TokenSequence(tokens)
+    layers = _layers(6, 5)
+    assert c.put_layer(tokens, 0, layers[0]) == 5
+    assert c.put_layer(seq, 1, layers[1]) == 5  # the same session: no second OpenPut
+    futures = [c.put_layer_async(seq, layer, layers[layer]) for layer in (2, 3)]
+    assert [f.result(30) for f in futures] == [5, 5]
+    c.flush()
+    assert c.match_prefix(seq) == 5 * PAGE
+    hit = c.get_prefix(seq)
+    assert hit.num_pages == 5
+    for layer in range(LAYERS):
+        np.testing.assert_array_equal(hit.layer(layer), layers[layer])
+    assert c.get_prefix(tokens).num_pages == 5
 
 
 def test_divergent_suffix_shares_only_common_pages(cluster, client, namespace):

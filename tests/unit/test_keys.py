@@ -147,3 +147,26 @@ def test_keys_equal_across_processes() -> None:
         remote = pool.map(_keys_in_child, cases)
     assert remote == [_keys_in_child(c) for c in cases]
     assert remote[0] == PAGE_KEYS
+
+
+def test_token_sequence_keys_and_digests_equal_the_plain_tokens() -> None:
+    root = keys.namespace_root("ns")
+    tokens = np.arange(1000, dtype=np.int64) * 7 % 50_000
+    seq = keys.TokenSequence(tokens)
+    assert len(seq) == 1000 and seq.tokens.dtype == np.dtype("<i4")
+    assert keys.page_keys(root, seq, 16) == keys.page_keys(root, tokens, 16)
+    for count in (None, 992, 16):
+        assert keys.sequence_digest(root, seq, count) == keys.sequence_digest(root, tokens, count)
+    assert seq.digest(root, 992) == keys.sequence_digest(root, tokens, 992)  # remembered, still equal
+    assert keys.sequence_digest(keys.namespace_root("other"), seq, 992) != seq.digest(root, 992)
+
+
+def test_token_sequence_is_a_read_only_copy_checked_once() -> None:
+    tokens = np.arange(64, dtype=np.int32)
+    seq = keys.TokenSequence(tokens)
+    tokens[0] = 5  # the caller's array changes later: the sequence does not
+    assert seq.tokens[0] == 0 and not seq.tokens.flags.writeable
+    assert keys.as_token_array(seq) is seq.tokens  # no second conversion
+    with pytest.raises(KVStoreError) as info:
+        keys.TokenSequence(np.array([1, -1]))
+    assert info.value.code is ErrorCode.BAD_TOKENS
