@@ -47,10 +47,17 @@
 /* Below this many bytes per batch, threads cost more than they save. */
 #define MIN_BYTES_PER_THREAD (8u << 20)
 
+/* Bytes a worker claims at a time (whole ops): small enough that a worker whose core is taken by
+ * another process for a while (two cores shared with the master and node) leaves the rest of the
+ * batch to the others, large enough that claiming costs nothing. */
+#define CLAIM_BYTES (1u << 20)
+
 typedef struct {
     const uint64_t *ops;
     size_t stride;      /* u64 words per op: 3 for copy, 2 for hash */
-    size_t begin, end;  /* op range of this worker */
+    size_t nops;
+    size_t claim;       /* ops per claim */
+    size_t *next;       /* the next unclaimed op, shared by the batch's workers */
     uint64_t *hashes;   /* may be NULL for copy */
     int do_copy;
 } work_t;
@@ -138,14 +145,19 @@ static uint64_t copy_and_hash(uint8_t *dst, const uint8_t *src, uint64_t len, in
 
 static void *run_work(void *arg) {
     work_t *w = (work_t *)arg;
-    for (size_t i = w->begin; i < w->end; i++) {
-        const uint64_t *op = w->ops + i * w->stride;
-        if (w->do_copy) {
-            uint64_t h = copy_and_hash((uint8_t *)(uintptr_t)op[0], (const uint8_t *)(uintptr_t)op[1], op[2],
-                                       w->hashes != NULL);
-            if (w->hashes) w->hashes[i] = h;
-        } else {
-            w->hashes[i] = XXH3_64bits((const void *)(uintptr_t)op[0], (size_t)op[1]);
+    for (;;) {
+        size_t begin = __atomic_fetch_add(w->next, w->claim, __ATOMIC_RELAXED);
+        if (begin >= w->nops) break;
+        size_t end = begin + w->claim < w->nops ? begin + w->claim : w->nops;
+        for (size_t i = begin; i < end; i++) {
+            const uint64_t *op = w->ops + i * w->stride;
+            if (w->do_copy) {
+                uint64_t h = copy_and_hash((uint8_t *)(uintptr_t)op[0], (const uint8_t *)(uintptr_t)op[1],
+                                           op[2], w->hashes != NULL);
+                if (w->hashes) w->hashes[i] = h;
+            } else {
+                w->hashes[i] = XXH3_64bits((const void *)(uintptr_t)op[0], (size_t)op[1]);
+            }
         }
     }
 #ifdef HAVE_STREAMING_STORES
@@ -154,7 +166,8 @@ static void *run_work(void *arg) {
     return NULL;
 }
 
-/* Split ops into contiguous ranges of roughly equal bytes and run them. */
+/* Run ops on up to ``threads`` workers (the caller's thread is one), each claiming about
+ * CLAIM_BYTES of whole ops at a time until none are left. */
 static int run_batch(const uint64_t *ops, size_t nops, size_t stride, size_t len_index, uint64_t *hashes,
                      int do_copy, int threads) {
     uint64_t total = 0;
@@ -163,33 +176,25 @@ static int run_batch(const uint64_t *ops, size_t nops, size_t stride, size_t len
     if (nthreads > MAX_THREADS) nthreads = MAX_THREADS;
     if ((uint64_t)nthreads > total / MIN_BYTES_PER_THREAD) nthreads = (int)(total / MIN_BYTES_PER_THREAD);
     if ((size_t)nthreads > nops) nthreads = (int)nops;
+    size_t next = 0;
+    size_t claim = nops;
+    if (nthreads > 1 && total > 0) {
+        uint64_t per_op = total / nops;
+        claim = per_op >= CLAIM_BYTES ? 1 : (size_t)(CLAIM_BYTES / (per_op ? per_op : 1));
+    }
+    work_t work = {ops, stride, nops, claim, &next, hashes, do_copy};
     if (nthreads <= 1) {
-        work_t w = {ops, stride, 0, nops, hashes, do_copy};
-        run_work(&w);
+        run_work(&work);
         return 0;
     }
-    work_t work[MAX_THREADS];
     pthread_t tids[MAX_THREADS];
-    uint64_t share = total / (uint64_t)nthreads, acc = 0;
-    size_t start = 0;
-    int t = 0;
-    for (size_t i = 0; i < nops && t < nthreads - 1; i++) {
-        acc += ops[i * stride + len_index];
-        if (acc >= share * (uint64_t)(t + 1)) {
-            work[t] = (work_t){ops, stride, start, i + 1, hashes, do_copy};
-            start = i + 1;
-            t++;
-        }
-    }
-    work[t] = (work_t){ops, stride, start, nops, hashes, do_copy};
     int launched = 0;
-    for (int k = 1; k <= t; k++) {
-        if (pthread_create(&tids[k], NULL, run_work, &work[k]) != 0) break;
+    for (int k = 1; k < nthreads; k++) {
+        if (pthread_create(&tids[k], NULL, run_work, &work) != 0) break; /* fewer workers: still correct */
         launched = k;
     }
-    run_work(&work[0]);
+    run_work(&work);
     for (int k = 1; k <= launched; k++) pthread_join(tids[k], NULL);
-    for (int k = launched + 1; k <= t; k++) run_work(&work[k]); /* thread creation failed: do it here */
     return 0;
 }
 
