@@ -96,12 +96,18 @@ class NodeService(pb_grpc.NodeServicer):
         Call before the gRPC server's graceful stop: a master's stream never ends
         by itself, and the stop would otherwise wait out its whole grace period.
         """
-        for task, context in list(self._streams.items()):
+        streams = list(self._streams.items())
+        for task, context in streams:
             # abort from here sends the status (ending the call for both sides); the cancel ends the
             # handler, which otherwise keeps waiting for a next batch
             with contextlib.suppress(Exception):  # AbortError, always; UsageError if it just ended
                 await context.abort(grpc.StatusCode.UNAVAILABLE, "UNAVAILABLE: the node is stopping")
             task.cancel()
+        if streams:
+            # the handlers have ended before the caller's graceful stop looks for calls in flight
+            # (once, under a loaded machine, a stop still waited out its grace: the cancel had
+            # not been delivered yet)
+            await asyncio.wait([task for task, _ in streams], timeout=1.0)
 
     def _apply_slot_updates(self, request: pb.SlotUpdates) -> pb.SlotUpdatesResponse:
         """Apply one batch (ApplySlotUpdates and SlotUpdateStream); raises KVStoreError, applying nothing."""
