@@ -56,7 +56,9 @@ class TokenSequence:
         return int(self.tokens.size)
 
     def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
-        return self.tokens if dtype is None else self.tokens.astype(dtype)
+        if dtype is not None and np.dtype(dtype) != self.tokens.dtype:
+            return self.tokens.astype(dtype)
+        return self.tokens.copy() if copy else self.tokens
 
     def __repr__(self) -> str:
         return f"TokenSequence({self.tokens.size} tokens)"

@@ -3,9 +3,9 @@
  *
  * Python hands over one packed table of operations per call (never one call
  * per segment); the GIL is released for the whole batch, and large batches
- * run on a few threads that claim ~1 MiB of whole ops at a time.  Checksums (xxh3_64) are computed inside the
- * copy: each chunk is hashed right after it lands, while it is still in cache,
- * so the bytes are walked once from memory.
+ * run on a few threads that claim ~1 MiB of whole ops at a time.  Checksums
+ * (xxh3_64) are computed inside the copy: each chunk is hashed right after it
+ * lands, while it is still in cache, so the bytes are walked once from memory.
  *
  * Primitives:
  *   copy(ops, hashes=None, threads=1)   ops: u64 triples (dst, src, len)
