@@ -48,6 +48,7 @@ import numpy as np
 
 from kvstore import config as kvconfig
 from kvstore.errors import ErrorCode, KVStoreError
+from kvstore.keys import TokenSequence
 
 log = logging.getLogger("kvstore.demo")
 
@@ -207,7 +208,7 @@ class _Worker:
 
 @dataclass
 class _PrefillJob:
-    tokens: np.ndarray
+    tokens: TokenSequence  # converted and hashed once for all the layers' puts
     cache: Any
     num_pages: int
     futures: list[Any] = field(default_factory=list)
@@ -314,7 +315,7 @@ class PrefillWorker(_Worker):
             cache, loaded_pages = self.load_prefix(ids[:reusable])
             loaded = loaded_pages * page_size
             loaded_at = time.monotonic()
-            job = _PrefillJob(ids, cache, num_pages)
+            job = _PrefillJob(TokenSequence(ids), cache, num_pages)
             self._job, self.computed_tokens = job, 0
             try:
                 first = int(self._forward(ids[loaded:], cache).argmax())
