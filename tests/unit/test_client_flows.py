@@ -653,6 +653,22 @@ def test_abort_and_close_end_unfinished_puts(cluster: Cluster) -> None:
     assert cluster.master.pages == {}
 
 
+def test_a_token_sequence_names_the_same_session_as_its_tokens(cluster: Cluster) -> None:
+    """Contexts and tensor-parallel ranks included: a TokenSequence and the plain tokens are one session."""
+    c = cluster.client()
+    layout = create(c)
+    tokens = np.arange(3 * PAGE + 2)
+    seq = keys.TokenSequence(tokens)
+    contexts = [b"img-a", b"", b"img-c"]
+    kv = random_kv(layout, 3)
+    assert c.put_layer(tokens, 0, kv[0], contexts=contexts) == 3
+    assert c.put_layer(seq, 1, kv[1], contexts=contexts) == 3
+    assert cluster.master.calls["OpenPut"] == 1
+    assert c.abort(seq, contexts=contexts) == 3  # the plain tokens' session, ended by the sequence
+    assert c.abort(tokens, contexts=contexts) == 0
+    c.close()
+
+
 def test_layers_from_several_threads_share_one_session(cluster: Cluster) -> None:
     with cluster.client() as c:
         layout = create(c)
