@@ -11,7 +11,6 @@ tests/unit/test_keys.py checks it against the vectors and the formula step by st
 from __future__ import annotations
 
 import struct
-import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -43,14 +42,14 @@ class TokenSequence:
     not change the sequence.
     """
 
-    __slots__ = ("_digests", "_lock", "tokens")
+    __slots__ = ("_digests", "tokens")
 
     def __init__(self, tokens: Any) -> None:
         arr = as_token_array(tokens)
         arr.flags.writeable = False
         self.tokens = arr
+        # a plain dict: threads that race on a missing digest work out the same value
         self._digests: dict[tuple[bytes, int], bytes] = {}
-        self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return int(self.tokens.size)
@@ -65,12 +64,9 @@ class TokenSequence:
 
     def digest(self, root: bytes, count: int) -> bytes:
         """:func:`sequence_digest` of the first ``count`` tokens, worked out once per (root, count)."""
-        with self._lock:
-            known = self._digests.get((root, count))
+        known = self._digests.get((root, count))
         if known is None:
-            known = _digest(root, self.tokens, count)
-            with self._lock:
-                self._digests[(root, count)] = known
+            known = self._digests[(root, count)] = _digest(root, self.tokens, count)
         return known
 
 

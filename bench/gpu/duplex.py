@@ -46,15 +46,11 @@ def _host_buffer(host: str, span: int, tag: str) -> tuple[int, Any]:
     fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
     if os.fstat(fd).st_size < span:
         os.ftruncate(fd, span)
-    huge = host == "shm-huge"
-    mm = mmap.mmap(fd, span, mmap.MAP_SHARED | (0 if huge else getattr(mmap, "MAP_POPULATE", 0)))
+    mm = mmap.mmap(fd, span, mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0))
     os.close(fd)
-    if not host.endswith("shared"):
+    if host != "shm-shared":
         os.unlink(path)
     address = ctypes.addressof(ctypes.c_char.from_buffer(mm))
-    if huge:  # ask for transparent huge pages before the first touch (honoured if shmem_enabled allows)
-        mm.madvise(mmap.MADV_HUGEPAGE)
-        ctypes.memset(address, 0, span)
     cupy.cuda.runtime.hostRegister(address, span, 1 | 2)  # cudaHostRegisterPortable | Mapped
     return address, mm
 
@@ -138,7 +134,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=1.5)
     parser.add_argument(
         "--host",
-        choices=("pinned", "shm", "shm-huge", "shm-shared", "both"),
+        choices=("pinned", "shm", "shm-shared", "both"),
         default="both",
         help="host memory: torch's pinned buffer, or a registered /dev/shm mapping as the store's pool",
     )
@@ -161,7 +157,7 @@ def main() -> None:
     pitch = args.pitch_kib << 10
     result: dict[str, Any] = {"bytes_per_copy": nbytes, "row_bytes": ROW, "pitch": pitch}
     wanted = set(args.cases.split(",")) if args.cases else set(cases)
-    for host in ("pinned", "shm", "shm-huge") if args.host == "both" else (args.host,):
+    for host in ("pinned", "shm") if args.host == "both" else (args.host,):
         for name, jobs in cases.items():
             if name not in wanted:
                 continue

@@ -9,7 +9,6 @@ inside the native copy.  Every argument is checked here before any RPC.
 from __future__ import annotations
 
 import asyncio
-import collections
 import concurrent.futures
 import contextlib
 import dataclasses
@@ -36,6 +35,7 @@ from kvstore.client.types import Lease, PrefixHit
 from kvstore.config import Config, load
 from kvstore.errors import ErrorCode, KVStoreError
 from kvstore.layout import Layout, shard_checksums
+from kvstore.memo import LruMemo
 from kvstore.transports import CopyPlan, NodeBatch, TransportSelector, node_batches
 
 log = logging.getLogger("kvstore.client")
@@ -104,28 +104,6 @@ def _common_prefix(a: bytes, b: bytes) -> int:
     return int(differ[0]) if len(differ) else n
 
 
-class _Memo:
-    """A small thread-safe LRU map: the last few sequences' derived values (page keys, leased batches)."""
-
-    def __init__(self, size: int) -> None:
-        self._size = size
-        self._items: collections.OrderedDict[Any, Any] = collections.OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, key: Any) -> Any:
-        with self._lock:
-            value = self._items.get(key)
-            if value is not None:
-                self._items.move_to_end(key)
-            return value
-
-    def put(self, key: Any, value: Any) -> None:
-        with self._lock:
-            self._items[key] = value
-            while len(self._items) > self._size:
-                self._items.popitem(last=False)
-
-
 class KVStoreClient:
     """Puts and gets the KV cache of one namespace.
 
@@ -165,8 +143,10 @@ class KVStoreClient:
         self._sessions = SessionCache(session_cache_size)
         self._layout: Layout | None = None
         self._root = b""
-        self._key_memo = _Memo(_KEY_MEMO_SIZE)  # token digest -> packed page keys: see _page_keys
-        self._lease_memo = _Memo(_KEY_MEMO_SIZE)  # (lease answer, page keys) -> batches: see _leased_batches
+        self._key_memo = LruMemo(_KEY_MEMO_SIZE)  # token digest -> packed page keys: see _page_keys
+        self._lease_memo = LruMemo(
+            _KEY_MEMO_SIZE
+        )  # (lease answer, page keys) -> batches: see _leased_batches
         self._closed = False
         self._loop = LoopThread()
         # calls sent without waiting (pipelined commits, get's own release): close() lets them land

@@ -21,10 +21,8 @@ buffer.
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import dataclasses
-import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -34,6 +32,7 @@ from kvstore import native
 from kvstore.errors import ErrorCode, KVStoreError
 from kvstore.gpu import arrays, hostreg, layouts
 from kvstore.gpu.engine import GpuEngine, engine_for, fusable
+from kvstore.memo import IdentityMemo
 from kvstore.transports.base import CopyPlan, NodeBatch, RunHashes
 
 if TYPE_CHECKING:
@@ -246,10 +245,8 @@ def _generation_checks(plan: CopyPlan, batch: NodeBatch) -> np.ndarray:
 # every layer, and its op table differs from layer to layer only by the layer's segment offset and
 # the caller array's address, which the kernel adds as bases.  Building and uploading the tables
 # of a 16384-page layer cost ~0.8 ms of host time per put_layer on an H100 host.  Entries hold
-# their batch (so the ids stay theirs) and the plan's layout and heads.
-_OPS_MEMO: collections.OrderedDict[int, tuple[NodeBatch, Any, Any, Any, bool]] = collections.OrderedDict()
-_OPS_MEMO_SIZE = 8
-_ops_memo_lock = threading.Lock()
+# the plan's layout and heads with the tables.
+_OPS_MEMO = IdentityMemo(8)
 
 
 def _relative_ops(plan: CopyPlan, batch: NodeBatch) -> tuple[Any, Any, bool]:
@@ -262,11 +259,9 @@ def _relative_ops(plan: CopyPlan, batch: NodeBatch) -> tuple[Any, Any, bool]:
     one_layer = len(plan.layers) == 1
     shape_key = (plan.layout, plan.heads, plan.num_pages, gpu.device)
     if one_layer:
-        with _ops_memo_lock:
-            hit = _OPS_MEMO.get(id(batch))
-            if hit is not None and hit[0] is batch and hit[1] == shape_key:
-                _OPS_MEMO.move_to_end(id(batch))
-                return hit[2], hit[3], hit[4]
+        hit = _OPS_MEMO.get(batch)
+        if hit is not None and hit[0] == shape_key:
+            return hit[1], hit[2], hit[3]
     table = _canonical_table(plan, batch, _slot_run_starts(plan, batch, 0), 0, True)
     table[..., 0] -= np.uint64(_layer_base(plan))
     table[..., 1] -= np.uint64(gpu.canonical.ptr)
@@ -275,10 +270,7 @@ def _relative_ops(plan: CopyPlan, batch: NodeBatch) -> tuple[Any, Any, bool]:
     ops = gpu.engine.upload_ops(rows) if aligned else None
     checks = gpu.engine.upload_ops(_generation_checks(plan, batch), 2) if aligned else None
     if one_layer:
-        with _ops_memo_lock:
-            _OPS_MEMO[id(batch)] = (batch, shape_key, ops, checks, aligned)
-            while len(_OPS_MEMO) > _OPS_MEMO_SIZE:
-                _OPS_MEMO.popitem(last=False)
+        _OPS_MEMO.put(batch, (shape_key, ops, checks, aligned))
     return ops, checks, aligned
 
 
@@ -343,28 +335,21 @@ def slot_rects(plan: CopyPlan, batch: NodeBatch, data_address: int, to_slots: bo
 
 # The page runs of the last few batches, by batch identity: a put session's batches and a held
 # lease's batches are the same objects from layer to layer, and finding their runs is the only
-# per-page pass of slot_rects.  Entries hold their batch, so the ids stay theirs.
-_RUN_MEMO: collections.OrderedDict[int, tuple[NodeBatch, np.ndarray, np.ndarray]] = collections.OrderedDict()
-_RUN_MEMO_SIZE = 16
-_run_memo_lock = threading.Lock()
+# per-page pass of slot_rects.
+_RUN_MEMO = IdentityMemo(16)
 
 
 def _page_runs(batch: NodeBatch) -> tuple[np.ndarray, np.ndarray]:
     """(first index, length) of each run of the batch's pages that sit in consecutive slots and positions."""
-    with _run_memo_lock:
-        hit = _RUN_MEMO.get(id(batch))
-        if hit is not None and hit[0] is batch:
-            _RUN_MEMO.move_to_end(id(batch))
-            return hit[1], hit[2]
+    hit = _RUN_MEMO.get(batch)
+    if hit is not None:
+        return hit
     count = len(batch)
     slots = batch.slot_offsets.astype(np.int64)
     breaks = np.flatnonzero((np.diff(slots) != batch.slot_bytes) | (np.diff(batch.pages) != 1)) + 1
     starts = np.concatenate(([0], breaks)).astype(np.int64)
     heights = np.diff(np.concatenate((starts, [count]))).astype(np.uint64)
-    with _run_memo_lock:
-        _RUN_MEMO[id(batch)] = (batch, starts, heights)
-        while len(_RUN_MEMO) > _RUN_MEMO_SIZE:
-            _RUN_MEMO.popitem(last=False)
+    _RUN_MEMO.put(batch, (starts, heights))
     return starts, heights
 
 
