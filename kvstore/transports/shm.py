@@ -43,9 +43,8 @@ class ShmTransport(MappedRegionTransport):
 
     def write(self, batch: NodeBatch, plan: CopyPlan) -> RunHashes:
         self._check_slots(batch, plan)
-        if (
-            plan.device is not None
-        ):  # GPU memory: one kernel into the registered pool (it checks the generations)
+        if plan.device is not None:
+            # GPU memory: one kernel into the registered pool (it checks the generations)
             from kvstore.gpu import transfer
 
             return transfer.shm_write(self, batch, plan, self._threads)
