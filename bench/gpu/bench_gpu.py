@@ -494,15 +494,46 @@ def stream_writer_setup(
     return _median(times[1:-1])
 
 
-def stream_writer_rep(rep: int, layer_ms: float) -> dict[str, Any]:
-    """Write every layer with put_layer_async (``layer_ms`` of pretend compute before each)."""
+def _gpu_compute(layer_ms: float) -> Any:
+    """A callable that queues ~``layer_ms`` of bf16 matmuls on torch's current stream (no host wait):
+    a layer's compute, which the SDK's copy of that layer waits for through DLPack's stream handshake."""
+    import torch
+
+    a = torch.randn((4096, 4096), dtype=torch.bfloat16, device="cuda")
+    b = torch.randn((4096, 4096), dtype=torch.bfloat16, device="cuda")
+    out = torch.empty_like(a)
+    for _ in range(20):
+        torch.matmul(a, b, out=out)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(200):
+        torch.matmul(a, b, out=out)
+    torch.cuda.synchronize()
+    count = max(1, round(layer_ms / ((time.perf_counter() - t0) / 200 * 1e3)))
+
+    def compute() -> None:
+        for _ in range(count):
+            torch.matmul(a, b, out=out)
+
+    return compute
+
+
+def stream_writer_rep(rep: int, layer_ms: float, compute: str = "sleep") -> dict[str, Any]:
+    """Write every layer with put_layer_async, ``layer_ms`` of pretend compute before each: a host
+    sleep, or (``compute="gpu"``) matmuls queued on the GPU ahead of the layer's put."""
     client, kv, pages, layers = _worker["client"], _worker["kv"], _worker["pages"], _worker["layers"]
     tokens = prompt(10_000 + rep, pages * PAGE)
     done = [0.0] * layers
+    run_layer = None
+    if layer_ms and compute == "gpu":
+        run_layer = _worker.get("gpu_compute") or _worker.setdefault("gpu_compute", _gpu_compute(layer_ms))
+        _sync("torch")
     start = _now()
     futures = []
     for layer in range(layers):
-        if layer_ms:
+        if run_layer is not None:
+            run_layer()
+        elif layer_ms:
             time.sleep(layer_ms / 1000.0)
         future = client.put_layer_async(tokens, layer, kv[layer])
 
@@ -619,6 +650,7 @@ def stream_bench(
     switch_ms: float = 0.0,
     read_path: str = "sdk",
     write_path: str = "sdk",
+    compute: str = "sleep",
 ) -> dict[str, Any]:
     """Prefill and decoder in two processes; the decoder has every layer how long after the last commit?"""
     seg = 2 * KV_HEADS * PAGE * HEAD_DIM * 2
@@ -646,7 +678,7 @@ def stream_bench(
             for rep in range(reps):
                 decoded = dpool.submit(stream_decoder_rep, rep)
                 time.sleep(0.2)  # the decoder asks first, as a decode worker would (it waits for page 0)
-                written = wpool.submit(stream_writer_rep, rep, layer_ms).result()
+                written = wpool.submit(stream_writer_rep, rep, layer_ms, compute).result()
                 runs.append({"writer": written, "decoder": decoded.result()})
             wpool.submit(stream_close).result()
             dpool.submit(stream_close).result()
@@ -660,6 +692,7 @@ def stream_bench(
         "layer_bytes": nbytes,
         "reps": reps,
         "layer_compute_ms": layer_ms,
+        "layer_compute": compute,
         "read_path": read_path,
         "write_path": write_path,
         # decoder has every layer, minus the writer's last put_layer_async done (its CommitLayer answered)
@@ -956,6 +989,12 @@ def main() -> None:
     parser.add_argument("--stream-reps", type=int, default=5)
     parser.add_argument("--stream-layer-ms", type=float, default=0.0, help="pretend compute per layer")
     parser.add_argument(
+        "--stream-compute",
+        choices=("sleep", "gpu"),
+        default="sleep",
+        help="what --stream-layer-ms is: a host sleep, or bf16 matmuls queued on the prefill's GPU (torch)",
+    )
+    parser.add_argument(
         "--stream-switch-ms", type=float, default=0.0, help="sys.setswitchinterval in both stream processes"
     )
     parser.add_argument(
@@ -1014,6 +1053,7 @@ def main() -> None:
                 args.stream_switch_ms,
                 args.stream_read_path,
                 args.stream_write_path,
+                args.stream_compute,
             ),
         }
         _emit(result, args.json)
@@ -1089,6 +1129,7 @@ def main() -> None:
             args.stream_switch_ms,
             args.stream_read_path,
             args.stream_write_path,
+            args.stream_compute,
         )
     _emit(result, args.json)
 

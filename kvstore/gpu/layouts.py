@@ -110,6 +110,7 @@ class PoolGeometry:
     device: int
     readonly: bool
     owners: tuple[Any, ...]  # keeps the memory descriptions alive
+    producer_stream: int | None = None  # stream the caller last wrote the pool on (if it said)
 
 
 def _half_dims(
@@ -227,6 +228,7 @@ def resolve(
         blocks=ids,
         device=infos[0].device,
         readonly=any(i.readonly for i in infos),
+        producer_stream=next((i.stream for i in infos if i.stream is not None), None),
         owners=tuple(i.owner for i in infos),
     )
 

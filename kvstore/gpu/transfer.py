@@ -129,7 +129,9 @@ def paged_plan(
                     ErrorCode.INVALID_ARGUMENT,
                     f"{what}: a block id repeats; pages would overwrite each other",
                 )
-    return GpuPlan(engine.device, engine, pools=geometries)
+    # An engine keeps one stream for its KV pools (K and V, every layer): the first one named orders the copy.
+    producer = next((g.producer_stream for g in geometries if g.producer_stream is not None), None)
+    return GpuPlan(engine.device, engine, pools=geometries, producer_stream=producer)
 
 
 # ----------------------------------------------------------------------------- op tables
@@ -152,13 +154,11 @@ def _launch(
         )
         return
     assert gpu.pools is not None
-    layout = plan.layout
     tables = [
         layouts.row_ops(pool, batch.pages, canon_addrs[li], half_stride or 0, to_canon)
         for li, pool in enumerate(gpu.pools)
     ]
     gpu.engine.copy_rows(np.concatenate(tables) if len(tables) > 1 else tables[0])
-    del layout
 
 
 def _canonical_table(

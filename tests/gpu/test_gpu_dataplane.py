@@ -517,3 +517,49 @@ def test_copy_engine_writes_queue_and_land_with_their_checksums(cluster, client,
     assert np.array_equal(cupy.asnumpy(out), np.stack(host))
     committed = committed_checksums(cluster.nodes[0].control_address)
     assert set(row_hashes(np.stack(host).reshape(-1, layout.segment_bytes)).tolist()) <= committed
+
+
+@pytest.mark.parametrize("transport", ["shm", "tcp"])
+@pytest.mark.parametrize("paged", [False, True], ids=["canonical", "paged"])
+def test_gpu_copies_wait_for_torch_work_queued_on_its_current_stream(
+    cluster, client, namespace, transport, paged
+):
+    """put_layer copies what torch's still-queued kernels write into the source, and get_prefix lands
+    after torch's still-queued writes of ``out``: an engine calls the SDK without synchronizing."""
+    torch = pytest.importorskip("torch")
+    writer = client(cluster, namespace, transport=transport)
+    layout = _namespace(writer, layers=1, kv_heads=4, head_dim=64)
+    tokens = prompt(95 + paged, 4 * PAGE)
+    blocks = [5, 1, 3, 0]
+    gen = torch.Generator(device="cuda").manual_seed(95)
+    if paged:
+        want = torch.randint(
+            -(2**15), 2**15 - 1, (2, 6, PAGE, 4, 64), dtype=torch.int16, device="cuda", generator=gen
+        )
+    else:
+        want = torch.randint(
+            -(2**15),
+            2**15 - 1,
+            (4, layout.segment_bytes // 2),
+            dtype=torch.int16,
+            device="cuda",
+            generator=gen,
+        )
+
+    def view(t):
+        return PagedKV(t, block_ids=blocks, layout="token_major", stacked=True) if paged else t
+
+    source = torch.zeros_like(want)
+    torch.cuda.synchronize()
+    torch.cuda._sleep(200_000_000)  # ~0.1 s of GPU time on torch's current stream
+    source.copy_(want)  # queued behind it: the put must copy these bytes, not the zeros
+    assert writer.put_layer(tokens, 0, view(source)) == 4
+    out = torch.zeros_like(want)
+    torch.cuda.synchronize()
+    torch.cuda._sleep(200_000_000)
+    out.fill_(7)  # a write of out still queued: the read must land after it
+    assert writer.get_prefix(tokens, out=[view(out)] if paged else out[None]).num_pages == 4
+    if paged:
+        assert torch.equal(out[:, blocks], want[:, blocks])
+    else:
+        assert torch.equal(out, want)
