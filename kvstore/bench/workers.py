@@ -37,6 +37,7 @@ class Workload:
         tuple[str, str], ...
     ] = ()  # kvstore.config client settings (kvstore bench --client)
     first_request: int = 0  # this worker's requests are [first_request, first_request + requests)
+    open_ahead: bool = False  # the writer opens request i+1's put (KVStoreClient.open_put) during request i
 
     @property
     def request_bytes(self) -> int:
@@ -87,12 +88,17 @@ def put_run(work: Workload) -> dict[str, Any]:
     pages_written = 0
     seconds = 0.0
     began = time.monotonic()
-    for request in range(work.first_request, work.first_request + work.requests):
+    stop = work.first_request + work.requests
+    for request in range(work.first_request, stop):
         tokens = work.tokens(request)
         first_words[:, :] = work.stamps(request)[None, :] + np.arange(work.num_layers)[:, None]
         started = time.perf_counter()
+        if work.open_ahead and request == work.first_request:
+            client.open_put(tokens)
         for layer in range(work.num_layers):
             pages_written += int(client.put_layer(tokens, layer, data[layer]))
+            if work.open_ahead and layer == 0 and request + 1 < stop:
+                client.open_put(work.tokens(request + 1))  # as a scheduler that knows its next request
         seconds += time.perf_counter() - started
     return {
         "seconds": seconds,
@@ -227,6 +233,23 @@ def control_run(work: ControlWorkload) -> dict[str, Any]:
         match: list[float] = []
         acquire: list[float] = []
         get: list[float] = []
+        first_ahead: list[float] = []
+        beyond_first_ahead: list[float] = []
+        for request in range(work.requests + 1):
+            # the same request with its put opened ahead (KVStoreClient.open_put), answered before
+            # layer 0 is ready (an engine's layer 0 computes meanwhile); only its first layer is kept
+            tokens = np.arange(work.pages * 16, dtype=np.int64) % 50_000
+            tokens[0] = 300_000 + request
+            client.open_put(tokens).result()
+            for layer in range(work.layers):
+                copies.clear()
+                started = time.perf_counter()
+                written = client.put_layer(tokens, layer, data)
+                if layer == 0 and request > 0:
+                    first_ahead.append(time.perf_counter() - started)
+                    beyond_first_ahead.append(first_ahead[-1] - sum(copies))
+                if written != work.pages:
+                    raise RuntimeError(f"control run: put_layer wrote {written} of {work.pages} pages")
         for request in range(work.requests + 1):
             tokens = np.arange(work.pages * 16, dtype=np.int64) % 50_000
             tokens[0] = 200_000 + request
@@ -282,6 +305,8 @@ def control_run(work: ControlWorkload) -> dict[str, Any]:
             "put_layer_middle": _ms(middle),
             "put_layer_last": _ms(last),
             "beyond_copy_first": _ms(beyond_first),
+            "put_layer_first_opened_ahead": _ms(first_ahead),
+            "beyond_copy_first_opened_ahead": _ms(beyond_first_ahead),
             "beyond_copy_middle": _ms(beyond_middle),
             "beyond_copy_last": _ms(beyond_last),
             "beyond_copy_per_layer": _ms(per_layer),

@@ -73,6 +73,10 @@ class AsyncKVStoreClient:
         """KVStoreClient.put_layer_async (same arguments): queued at once; await the future for the pages written."""
         return asyncio.wrap_future(self.sync.put_layer_async(tokens, layer, kv, *args, **kwargs))
 
+    def open_put(self, tokens: Any, *args: Any, **kwargs: Any) -> asyncio.Future[int]:
+        """KVStoreClient.open_put (same arguments): the put's session opens in the background; await for its pages."""
+        return asyncio.wrap_future(self.sync.open_put(tokens, *args, **kwargs))
+
     async def get_prefix_stream(self, tokens: Any, *args: Any, **kwargs: Any) -> AsyncPrefixStream:
         """KVStoreClient.get_prefix_stream, iterated with ``async for``; same arguments."""
         return AsyncPrefixStream(

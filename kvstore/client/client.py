@@ -55,6 +55,47 @@ def _log_release_failure(lease_id: str, future: concurrent.futures.Future[Any]) 
         log.info("release of lease %s failed: %s", lease_id, exc)
 
 
+def _pages_of(result: concurrent.futures.Future[int], opened: concurrent.futures.Future[PutSession]) -> None:
+    error = opened.exception()
+    if error is not None:
+        result.set_exception(error)
+    else:
+        result.set_result(len(opened.result().new_pages))
+
+
+def _put_session(response: pb.OpenPutResponse, num_pages: int, heads: tuple[int, int]) -> PutSession:
+    """The client's side of an OpenPut answer; raises INTERNAL on an answer that does not fit the request."""
+    status = np.frombuffer(response.status, dtype=np.uint8)
+    if len(status) != num_pages:
+        raise KVStoreError(
+            ErrorCode.INTERNAL, f"OpenPut answered {len(status)} statuses for {num_pages} pages"
+        )
+    if response.head_end and (response.head_begin, response.head_end) != heads:
+        raise KVStoreError(
+            ErrorCode.INTERNAL,
+            f"master granted heads {response.head_begin}..{response.head_end}, "
+            f"this writer has {heads[0]}..{heads[1]}",
+        )
+    new_pages = np.flatnonzero(status == pb.PAGE_NEW).astype(np.int64)
+    batches: list[NodeBatch] = []
+    if len(new_pages):
+        batches, first_unplaced = node_batches(response.placements, new_pages)
+        if first_unplaced <= int(new_pages[-1]):
+            raise KVStoreError(ErrorCode.INTERNAL, f"OpenPut gave new page {first_unplaced} no node")
+    return PutSession(
+        session_id=response.session_id,
+        num_pages=num_pages,
+        new_pages=new_pages,
+        batches=batches,
+        heads=heads,
+        expires_unix_ms=response.expires_unix_ms,
+        # one node (the common case): its batch is every new page, in order
+        columns=[np.arange(len(new_pages))]
+        if len(batches) == 1
+        else [np.searchsorted(new_pages, batch.pages) for batch in batches],
+    )
+
+
 def _resolved(checksums: Any) -> np.ndarray:
     """Checksums of a put_layer call: an array, or the future of a GPU write's (computed by then)."""
     return checksums.result() if isinstance(checksums, concurrent.futures.Future) else checksums
@@ -185,11 +226,11 @@ class KVStoreClient:
             return
         self._finish_async_puts()
         self._closed = True
-        unfinished = [s for s in self._sessions.drain() if s.has_work]
         with self._background_lock:
             in_flight = list(self._background)
-        if in_flight:
+        if in_flight:  # commits, and puts opened ahead: those land in the cache, to be aborted below
             concurrent.futures.wait(in_flight, timeout=self._timeout_s)
+        unfinished = [s for s in self._sessions.drain() if s.has_work]
         try:
             if unfinished and self._loop.running:
                 self._loop.run(self._abort_all(unfinished), timeout_s=self._timeout_s + 5.0)
@@ -408,14 +449,17 @@ class KVStoreClient:
         session = self._sessions.get_or_open(
             key,
             lambda: self._open_put(
-                keys.as_token_array(keyed),
+                self._open_put_request(
+                    keys.as_token_array(keyed),
+                    num_pages,
+                    page_contexts,
+                    tp_rank,
+                    tp_size,
+                    reader_host,
+                    self._put_tier(side is not None and side.gpu is not None),
+                ),
                 num_pages,
-                page_contexts,
-                tp_rank,
-                tp_size,
                 heads,
-                reader_host,
-                self._put_tier(side),
             ),
         )
 
@@ -477,6 +521,60 @@ class KVStoreClient:
         if finished:
             self._sessions.drop(key, session)
         return len(session.new_pages)
+
+    def open_put(
+        self,
+        tokens: Any,
+        tp_rank: int = 0,
+        tp_size: int = 1,
+        *,
+        contexts: Sequence[bytes] | None = None,
+        reader_host: str = "",
+        from_gpu: bool = False,
+    ) -> concurrent.futures.Future[int]:
+        """Open the put of ``tokens`` now, in the background; returns a future of the pages this writer will write.
+
+        The master allocates the pages (an OpenPut round trip: a few ms for a long
+        prompt) while the caller computes the first layer; the sequence's first
+        :meth:`put_layer` then finds the session open, or waits for the answer on
+        its way.  Optional: without it the first put_layer opens the session itself.
+        Call it once the request's tokens are known (a scheduler's step, before
+        the forward pass).  ``from_gpu`` says the layers will come from GPU memory
+        (``put_tier = auto`` then asks for a VRAM tier).  A failed open reaches the
+        future, and the first put_layer tries again (and raises what it gets).  A
+        session opened and never written expires with its write lease; :meth:`abort`
+        or :meth:`close` give it back at once.
+        """
+        self._check_open()
+        src, num_pages = self._put_tokens(tokens)
+        done: concurrent.futures.Future[int] = concurrent.futures.Future()
+        if num_pages == 0:
+            done.set_result(0)
+            return done
+        keyed, page_contexts, key = self._put_session_key(src, num_pages, contexts, tp_rank, tp_size, tokens)
+        if contexts is not None and len(contexts) < num_pages:
+            raise KVStoreError(
+                ErrorCode.INVALID_ARGUMENT, f"{len(contexts)} page contexts for {num_pages} pages"
+            )
+        heads = self.layout.head_range(tp_rank, tp_size)
+        pending, mine = self._sessions.claim_open(key)
+        if not mine:  # open already, or on its way
+            pending.add_done_callback(functools.partial(_pages_of, done))
+            return done
+        try:
+            request = self._open_put_request(
+                keys.as_token_array(keyed),
+                num_pages,
+                page_contexts,
+                tp_rank,
+                tp_size,
+                reader_host,
+                self._put_tier(from_gpu),
+            )
+        except BaseException as exc:
+            self._sessions.opened(key, pending, None, exc)
+            raise
+        return self._submit_coroutine(self._open_put_ahead(key, pending, request, num_pages, heads))
 
     @staticmethod
     def _commit_request(
@@ -564,18 +662,17 @@ class KVStoreClient:
         with self._background_lock:
             self._background.discard(future)
 
-    def _open_put(
+    def _open_put_request(
         self,
         tokens: np.ndarray,
         num_pages: int,
         contexts: list[bytes] | None,
         tp_rank: int,
         tp_size: int,
-        heads: tuple[int, int],
         reader_host: str,
-        prefer_tier: str = "",
-    ) -> PutSession:
-        request = pb.OpenPutRequest(
+        prefer_tier: str,
+    ) -> pb.OpenPutRequest:
+        return pb.OpenPutRequest(
             namespace=self.namespace,
             keys=self._page_keys(tokens, num_pages, contexts),
             tp_rank=tp_rank,
@@ -585,42 +682,46 @@ class KVStoreClient:
             lease_ms=self.config.put_lease_ms,
             prefer_tier=prefer_tier,
         )
-        response = self._master.call("OpenPut", request)
-        status = np.frombuffer(response.status, dtype=np.uint8)
-        if len(status) != num_pages:
-            raise KVStoreError(
-                ErrorCode.INTERNAL, f"OpenPut answered {len(status)} statuses for {num_pages} pages"
-            )
-        if response.head_end and (response.head_begin, response.head_end) != heads:
-            raise KVStoreError(
-                ErrorCode.INTERNAL,
-                f"master granted heads {response.head_begin}..{response.head_end}, "
-                f"this writer has {heads[0]}..{heads[1]}",
-            )
-        new_pages = np.flatnonzero(status == pb.PAGE_NEW).astype(np.int64)
-        batches: list[NodeBatch] = []
-        if len(new_pages):
-            batches, first_unplaced = node_batches(response.placements, new_pages)
-            if first_unplaced <= int(new_pages[-1]):
-                self._abort_quietly_id(response.session_id)
-                raise KVStoreError(ErrorCode.INTERNAL, f"OpenPut gave new page {first_unplaced} no node")
-        return PutSession(
-            session_id=response.session_id,
-            num_pages=num_pages,
-            new_pages=new_pages,
-            batches=batches,
-            heads=heads,
-            expires_unix_ms=response.expires_unix_ms,
-            # one node (the common case): its batch is every new page, in order
-            columns=[np.arange(len(new_pages))]
-            if len(batches) == 1
-            else [np.searchsorted(new_pages, batch.pages) for batch in batches],
-        )
 
-    def _put_tier(self, side: Any) -> str:
+    def _open_put(self, request: pb.OpenPutRequest, num_pages: int, heads: tuple[int, int]) -> PutSession:
+        response = self._master.call("OpenPut", request)
+        try:
+            return _put_session(response, num_pages, heads)
+        except KVStoreError:
+            if response.session_id:
+                self._abort_quietly_id(response.session_id)
+            raise
+
+    async def _open_put_ahead(
+        self,
+        key: SessionKey,
+        pending: concurrent.futures.Future[PutSession],
+        request: pb.OpenPutRequest,
+        num_pages: int,
+        heads: tuple[int, int],
+    ) -> int:
+        """:meth:`_open_put` on the loop; the session lands in the cache before this returns."""
+        try:
+            response = await self._master.acall("OpenPut", request)
+            try:
+                session = _put_session(response, num_pages, heads)
+            except KVStoreError:
+                if response.session_id:
+                    with contextlib.suppress(KVStoreError):
+                        await self._master.acall(
+                            "AbortPut", pb.AbortPutRequest(session_id=response.session_id)
+                        )
+                raise
+        except BaseException as exc:
+            self._sessions.opened(key, pending, None, exc)
+            raise
+        self._sessions.opened(key, pending, session, None)
+        return len(session.new_pages)
+
+    def _put_tier(self, from_gpu: bool) -> str:
         """vram: the tier a put asks for (put_tier auto: VRAM for a GPU source, CUDA arrays or PagedKV)."""
         if self.config.put_tier == "auto":
-            return "vram" if side is not None and side.gpu is not None else ""
+            return "vram" if from_gpu else ""
         return "" if self.config.put_tier == "dram" else "vram"
 
     def _write(
@@ -770,6 +871,7 @@ class KVStoreClient:
         if num_pages == 0:
             return 0
         _, _, key = self._put_session_key(src, num_pages, contexts, tp_rank, tp_size, tokens)
+        self._sessions.settle(key, self._timeout_s)  # a put opened ahead and still on its way
         session = self._sessions.drop(key)
         if session is None or not session.has_work:
             return 0

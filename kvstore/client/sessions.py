@@ -1,14 +1,17 @@
 """Put sessions cached between the put_layer calls of one sequence.
 
 The first put_layer of a (token sequence, tp_rank, tp_size) opens a session on
-the master; later layers reuse it.  The cache is a bounded LRU; a session
+the master, unless :meth:`KVStoreClient.open_put` opened it ahead in the
+background; later layers reuse it.  The cache is a bounded LRU; a session
 leaves it when the master says it is done, on abort, on error or on close.
-Two threads asking for the same key open it once (the second waits).
+Two threads asking for the same key open it once (the second waits), and a put
+finds a session still being opened ahead and waits for it.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import logging
 import threading
 from collections import OrderedDict
@@ -56,43 +59,79 @@ class SessionCache:
     def __init__(self, capacity: int = 512) -> None:
         self._capacity = capacity
         self._sessions: OrderedDict[SessionKey, PutSession] = OrderedDict()
-        self._opening: dict[SessionKey, threading.Event] = {}
+        self._opening: dict[SessionKey, concurrent.futures.Future[PutSession]] = {}
         self._lock = threading.Lock()
 
     def get_or_open(self, key: SessionKey, opener: Callable[[], PutSession]) -> PutSession:
         """The cached session for ``key``, or a new one from ``opener``.
 
-        A session pushed out of the LRU is only forgotten, not aborted: its
-        writer may still be at work, and the master expires it if not.
+        A session being opened (by another thread, or ahead in the background)
+        is waited for; if that open failed, this call opens it itself.  A session
+        pushed out of the LRU is only forgotten, not aborted: its writer may
+        still be at work, and the master expires it if not.
         """
         while True:
-            with self._lock:
-                session = self._sessions.get(key)
-                if session is not None:
-                    self._sessions.move_to_end(key)
-                    return session
-                pending = self._opening.get(key)
-                if pending is None:
-                    pending = self._opening[key] = threading.Event()
-                    break
-            pending.wait()  # someone else is opening it; look again
+            pending, mine = self.claim_open(key)
+            if mine:
+                break
+            with contextlib.suppress(Exception):  # a failed open: look again, and open it here
+                return pending.result()
         try:
             session = opener()
-        except BaseException:
-            with self._lock:
-                del self._opening[key]
-            pending.set()
+        except BaseException as exc:
+            self.opened(key, pending, None, exc)
             raise
-        with self._lock:
-            del self._opening[key]
-            self._sessions[key] = session
-            while len(self._sessions) > self._capacity:
-                _, old = self._sessions.popitem(last=False)
-                log.debug(
-                    "put session %d left the cache unfinished (capacity %d)", old.session_id, self._capacity
-                )
-        pending.set()
+        self.opened(key, pending, session, None)
         return session
+
+    def claim_open(self, key: SessionKey) -> tuple[concurrent.futures.Future[PutSession], bool]:
+        """A future of ``key``'s session (cached, or being opened), and whether the caller was
+        made its opener: then it opens the session, without blocking if it likes, and reports
+        the outcome with :meth:`opened`, which resolves the future."""
+        with self._lock:
+            session = self._sessions.get(key)
+            if session is not None:
+                self._sessions.move_to_end(key)
+                done: concurrent.futures.Future[PutSession] = concurrent.futures.Future()
+                done.set_result(session)
+                return done, False
+            pending = self._opening.get(key)
+            if pending is not None:
+                return pending, False
+            pending = self._opening[key] = concurrent.futures.Future()
+            return pending, True
+
+    def opened(
+        self,
+        key: SessionKey,
+        pending: concurrent.futures.Future[PutSession],
+        session: PutSession | None,
+        error: BaseException | None,
+    ) -> None:
+        """The open of ``key`` (claimed by :meth:`claim_open`) ended: with ``session``, or ``error``."""
+        with self._lock:
+            if self._opening.get(key) is pending:
+                del self._opening[key]
+            if session is not None:
+                self._sessions[key] = session
+                while len(self._sessions) > self._capacity:
+                    _, old = self._sessions.popitem(last=False)
+                    log.debug(
+                        "put session %d left the cache unfinished (capacity %d)",
+                        old.session_id,
+                        self._capacity,
+                    )
+        if session is not None:
+            pending.set_result(session)
+        else:
+            pending.set_exception(error if error is not None else RuntimeError("no session"))
+
+    def settle(self, key: SessionKey, timeout: float | None = None) -> None:
+        """Wait (at most ``timeout``) for an open of ``key`` in progress, if any; its outcome lands in the cache."""
+        with self._lock:
+            pending = self._opening.get(key)
+        if pending is not None:
+            concurrent.futures.wait([pending], timeout)
 
     def get(self, key: SessionKey) -> PutSession | None:
         with self._lock:
