@@ -177,9 +177,18 @@ def _from_torch(tensor: Any) -> ArrayInfo:
         itemsize,
         int(tensor.device.index),
         False,
-        int(torch.cuda.current_stream(tensor.device).cuda_stream),
+        _torch_stream(torch, int(tensor.device.index)),
         tensor,
     )
+
+
+def _torch_stream(torch: Any, device: int) -> int:
+    """torch's current stream on ``device``, as a raw pointer.  ``torch.cuda.current_stream`` builds a
+    Stream object per call; the accessor beneath it (what torch's own extensions use) does not."""
+    raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+    if raw is not None:
+        return int(raw(device))
+    return int(torch.cuda.current_stream(device).cuda_stream)
 
 
 def describe_device(obj: Any, stream: int | None = None) -> ArrayInfo | None:

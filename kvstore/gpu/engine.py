@@ -103,6 +103,7 @@ class GpuEngine:
         self.timing = False
         self.last_copy_s = 0.0
         self._events: tuple[cupy.cuda.Event, cupy.cuda.Event] | None = None
+        self._producer_event: cupy.cuda.Event | None = None
 
     def configure(self, threads: int, blocks_per_sm: int) -> None:
         """Launch shape: threads per block, and blocks per SM at most (benchmarks tune it)."""
@@ -117,14 +118,20 @@ class GpuEngine:
         self._lock.release()
 
     def wait_for(self, producer_stream: int | None) -> None:
-        """Order this engine's stream after work the producer queued on ``producer_stream``."""
+        """Order this engine's stream after work the producer queued on ``producer_stream``.
+
+        One event serves every call (under the engine's lock): a stream wait takes the
+        event's state when it is queued, so recording it again later changes nothing for it.
+        """
         if producer_stream is None:
             return
-        with cupy.cuda.Device(self.device):
-            event = cupy.cuda.Event(disable_timing=True)
-            # Recorded by handle: the producer's stream is a raw pointer (array interface v3).
-            cupy.cuda.runtime.eventRecord(event.ptr, int(producer_stream))
-            self.stream.wait_event(event)
+        runtime = cupy.cuda.runtime
+        if self._producer_event is None:
+            with cupy.cuda.Device(self.device):
+                self._producer_event = cupy.cuda.Event(disable_timing=True)
+        # Recorded by handle: the producer's stream is a raw pointer (array interface v3).
+        runtime.eventRecord(self._producer_event.ptr, int(producer_stream))
+        runtime.streamWaitEvent(self.stream.ptr, self._producer_event.ptr, 0)
 
     def _launch(self, kernel: cupy.RawKernel, table: np.ndarray, width: int) -> None:
         n = len(table)
