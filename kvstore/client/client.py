@@ -373,6 +373,10 @@ class KVStoreClient:
         whole key chain: put_layer runs once per layer.  ``tokens``: the caller's, whose
         digest a :class:`~kvstore.keys.TokenSequence` remembers.
         """
+        if contexts is not None and len(contexts) < num_pages:
+            raise KVStoreError(
+                ErrorCode.INVALID_ARGUMENT, f"{len(contexts)} page contexts for {num_pages} pages"
+            )
         count = num_pages * self.layout.page_size
         page_contexts = list(contexts[:num_pages]) if contexts is not None else None
         known: SessionKey | None = getattr(self._put_local, "key", None)
@@ -440,17 +444,13 @@ class KVStoreClient:
             f"{len(layer_list)} layer(s) x {num_pages} full pages x {shard} bytes per shard "
             f"of heads {heads[0]}..{heads[1]}",
         )
-        if contexts is not None and len(contexts) < num_pages:
-            raise KVStoreError(
-                ErrorCode.INVALID_ARGUMENT, f"{len(contexts)} page contexts for {num_pages} pages"
-            )
         if num_pages == 0:
             return 0
         session = self._sessions.get_or_open(
             key,
             lambda: self._open_put(
                 self._open_put_request(
-                    keys.as_token_array(keyed),
+                    keyed,
                     num_pages,
                     page_contexts,
                     tp_rank,
@@ -552,10 +552,6 @@ class KVStoreClient:
             done.set_result(0)
             return done
         keyed, page_contexts, key = self._put_session_key(src, num_pages, contexts, tp_rank, tp_size, tokens)
-        if contexts is not None and len(contexts) < num_pages:
-            raise KVStoreError(
-                ErrorCode.INVALID_ARGUMENT, f"{len(contexts)} page contexts for {num_pages} pages"
-            )
         heads = self.layout.head_range(tp_rank, tp_size)
         pending, mine = self._sessions.claim_open(key)
         if not mine:  # open already, or on its way
@@ -563,7 +559,7 @@ class KVStoreClient:
             return done
         try:
             request = self._open_put_request(
-                keys.as_token_array(keyed),
+                keyed,
                 num_pages,
                 page_contexts,
                 tp_rank,
@@ -664,7 +660,7 @@ class KVStoreClient:
 
     def _open_put_request(
         self,
-        tokens: np.ndarray,
+        keyed: np.ndarray,
         num_pages: int,
         contexts: list[bytes] | None,
         tp_rank: int,
@@ -672,9 +668,10 @@ class KVStoreClient:
         reader_host: str,
         prefer_tier: str,
     ) -> pb.OpenPutRequest:
+        """The OpenPut of ``keyed`` (the full pages' tokens, as :meth:`_put_session_key` gives them)."""
         return pb.OpenPutRequest(
             namespace=self.namespace,
-            keys=self._page_keys(tokens, num_pages, contexts),
+            keys=self._page_keys(keys.as_token_array(keyed), num_pages, contexts),
             tp_rank=tp_rank,
             tp_size=tp_size,
             client_host=self._host,
