@@ -317,6 +317,9 @@ class PrefillWorker(_Worker):
             loaded_at = time.monotonic()
             job = _PrefillJob(TokenSequence(ids), cache, num_pages)
             self._job, self.computed_tokens = job, 0
+            if num_pages and hasattr(self.client, "open_put"):
+                # the master allocates the pages while the first layers compute
+                self.client.open_put(job.tokens, from_gpu=self.gpu_direct)
             try:
                 first = int(self._forward(ids[loaded:], cache).argmax())
                 computed_at = time.monotonic()
