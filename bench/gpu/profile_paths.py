@@ -91,7 +91,7 @@ def _instrument() -> None:
         (keys, "sequence_digest"),
         (keys, "token_source"),
         (gpu, "caller_side"),
-        (SessionCache, "get_or_open"),
+        (SessionCache, "claim_open"),
         (client_module.KVStoreClient, "_write"),
         (client_module.KVStoreClient, "_commit_result"),
         (shm.ShmTransport, "_check_slots"),

@@ -16,7 +16,7 @@ import functools
 import logging
 import struct
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -185,9 +185,8 @@ class KVStoreClient:
         self._layout: Layout | None = None
         self._root = b""
         self._key_memo = LruMemo(_KEY_MEMO_SIZE)  # token digest -> packed page keys: see _page_keys
-        self._lease_memo = LruMemo(
-            _KEY_MEMO_SIZE
-        )  # (lease answer, page keys) -> batches: see _leased_batches
+        # (lease answer, page keys) -> batches: see _leased_batches
+        self._lease_memo = LruMemo(_KEY_MEMO_SIZE)
         self._closed = False
         self._loop = LoopThread()
         # calls sent without waiting (pipelined commits, get's own release): close() lets them land
@@ -446,22 +445,18 @@ class KVStoreClient:
         )
         if num_pages == 0:
             return 0
-        session = self._sessions.get_or_open(
-            key,
-            lambda: self._open_put(
-                self._open_put_request(
-                    keyed,
-                    num_pages,
-                    page_contexts,
-                    tp_rank,
-                    tp_size,
-                    reader_host,
-                    self._put_tier(side is not None and side.gpu is not None),
-                ),
-                num_pages,
-                heads,
-            ),
-        )
+        from_gpu = side is not None and side.gpu is not None
+        while True:
+            pending, opening = self._claim_put(
+                key, keyed, num_pages, page_contexts, tp_rank, tp_size, heads, reader_host, from_gpu
+            )
+            if opening is not None:  # this call opens the session
+                self._run_open(key, pending, opening, wait=True)  # raises what the open raised
+                session = pending.result()
+                break
+            with contextlib.suppress(Exception):  # another caller's open failed: look again, open it here
+                session = pending.result()
+                break
 
         if not session.has_work:
             with session.lock:
@@ -553,24 +548,13 @@ class KVStoreClient:
             return done
         keyed, page_contexts, key = self._put_session_key(src, num_pages, contexts, tp_rank, tp_size, tokens)
         heads = self.layout.head_range(tp_rank, tp_size)
-        pending, mine = self._sessions.claim_open(key)
-        if not mine:  # open already, or on its way
-            pending.add_done_callback(functools.partial(_pages_of, done))
-            return done
-        try:
-            request = self._open_put_request(
-                keyed,
-                num_pages,
-                page_contexts,
-                tp_rank,
-                tp_size,
-                reader_host,
-                self._put_tier(from_gpu),
-            )
-        except BaseException as exc:
-            self._sessions.opened(key, pending, None, exc)
-            raise
-        return self._submit_coroutine(self._open_put_ahead(key, pending, request, num_pages, heads))
+        pending, opening = self._claim_put(
+            key, keyed, num_pages, page_contexts, tp_rank, tp_size, heads, reader_host, from_gpu
+        )
+        if opening is not None:
+            self._run_open(key, pending, opening, wait=False)
+        pending.add_done_callback(functools.partial(_pages_of, done))
+        return done
 
     @staticmethod
     def _commit_request(
@@ -680,24 +664,60 @@ class KVStoreClient:
             prefer_tier=prefer_tier,
         )
 
-    def _open_put(self, request: pb.OpenPutRequest, num_pages: int, heads: tuple[int, int]) -> PutSession:
-        response = self._master.call("OpenPut", request)
+    def _claim_put(
+        self,
+        key: SessionKey,
+        keyed: np.ndarray,
+        num_pages: int,
+        contexts: list[bytes] | None,
+        tp_rank: int,
+        tp_size: int,
+        heads: tuple[int, int],
+        reader_host: str,
+        from_gpu: bool,
+    ) -> tuple[concurrent.futures.Future[PutSession], Coroutine[Any, Any, PutSession] | None]:
+        """``key``'s put session as a future (cached, or being opened), and the OpenPut to run
+        (:meth:`_run_open`) when this caller is the one to open it."""
+        pending, mine = self._sessions.claim_open(key)
+        if not mine:
+            return pending, None
         try:
-            return _put_session(response, num_pages, heads)
-        except KVStoreError:
-            if response.session_id:
-                self._abort_quietly_id(response.session_id)
+            request = self._open_put_request(
+                keyed, num_pages, contexts, tp_rank, tp_size, reader_host, self._put_tier(from_gpu)
+            )
+        except BaseException as exc:
+            self._sessions.opened(key, pending, None, exc)
+            raise
+        return pending, self._open_put(key, pending, request, num_pages, heads)
+
+    def _run_open(
+        self,
+        key: SessionKey,
+        pending: concurrent.futures.Future[PutSession],
+        opening: Coroutine[Any, Any, PutSession],
+        wait: bool,
+    ) -> None:
+        """Run a claimed open on the loop: waited for (a put), or in the background (open_put)."""
+        try:
+            if wait:
+                self._loop.run(opening, timeout_s=self._master.backstop_s)
+            else:
+                self._submit_coroutine(opening)
+        except BaseException as exc:
+            if not pending.done():  # the open never ran (a closed client): nobody else reports it
+                self._sessions.opened(key, pending, None, exc)
             raise
 
-    async def _open_put_ahead(
+    async def _open_put(
         self,
         key: SessionKey,
         pending: concurrent.futures.Future[PutSession],
         request: pb.OpenPutRequest,
         num_pages: int,
         heads: tuple[int, int],
-    ) -> int:
-        """:meth:`_open_put` on the loop; the session lands in the cache before this returns."""
+    ) -> PutSession:
+        """The OpenPut of a claimed session; the session (or the error) lands in the cache before this returns.
+        An answer that does not fit the request is given back to the master at once."""
         try:
             response = await self._master.acall("OpenPut", request)
             try:
@@ -713,7 +733,7 @@ class KVStoreClient:
             self._sessions.opened(key, pending, None, exc)
             raise
         self._sessions.opened(key, pending, session, None)
-        return len(session.new_pages)
+        return session
 
     def _put_tier(self, from_gpu: bool) -> str:
         """vram: the tier a put asks for (put_tier auto: VRAM for a GPU source, CUDA arrays or PagedKV)."""
@@ -882,13 +902,10 @@ class KVStoreClient:
         return int(response.pages_freed)
 
     def _abort_quietly(self, session: PutSession) -> None:
-        self._abort_quietly_id(session.session_id)
-
-    def _abort_quietly_id(self, session_id: int) -> None:
         try:
-            self._master.call("AbortPut", pb.AbortPutRequest(session_id=session_id))
+            self._master.call("AbortPut", pb.AbortPutRequest(session_id=session.session_id))
         except KVStoreError as exc:
-            log.debug("abort of put session %d: %s", session_id, exc)
+            log.debug("abort of put session %d: %s", session.session_id, exc)
 
     # ------------------------------------------------------------ get
     def _prefix_call(self, method: str, tokens: Any, contexts: Sequence[bytes] | None, **fields: Any) -> int:

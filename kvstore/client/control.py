@@ -257,10 +257,15 @@ class MasterConnection:
         """The master the next call goes to first."""
         return self._current
 
+    @property
+    def backstop_s(self) -> float:
+        """How long a blocking caller waits for a call (or calls' coroutine) at most: the calls carry
+        their own deadlines and failover waits, this only ends a wait on a loop that stopped answering."""
+        return self._timeout_s + self._failover_wait_s + ETCD_TIMEOUT_S + 5.0
+
     def call(self, method: str, request: Any) -> Any:
         """Blocking call from any thread but the loop's."""
-        backstop = self._timeout_s + self._failover_wait_s + ETCD_TIMEOUT_S + 5.0
-        return self._loop.run(self.acall(method, request), timeout_s=backstop)
+        return self._loop.run(self.acall(method, request), timeout_s=self.backstop_s)
 
     async def acall(self, method: str, request: Any) -> Any:
         """The call itself, following the leader; runs on the loop thread."""

@@ -4,18 +4,16 @@ The first put_layer of a (token sequence, tp_rank, tp_size) opens a session on
 the master, unless :meth:`KVStoreClient.open_put` opened it ahead in the
 background; later layers reuse it.  The cache is a bounded LRU; a session
 leaves it when the master says it is done, on abort, on error or on close.
-Two threads asking for the same key open it once (the second waits), and a put
-finds a session still being opened ahead and waits for it.
+A key is opened once (by the first put, or ahead by open_put); whoever asks for it
+meanwhile waits for that open, and opens the session itself if that open failed.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import logging
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,32 +60,12 @@ class SessionCache:
         self._opening: dict[SessionKey, concurrent.futures.Future[PutSession]] = {}
         self._lock = threading.Lock()
 
-    def get_or_open(self, key: SessionKey, opener: Callable[[], PutSession]) -> PutSession:
-        """The cached session for ``key``, or a new one from ``opener``.
-
-        A session being opened (by another thread, or ahead in the background)
-        is waited for; if that open failed, this call opens it itself.  A session
-        pushed out of the LRU is only forgotten, not aborted: its writer may
-        still be at work, and the master expires it if not.
-        """
-        while True:
-            pending, mine = self.claim_open(key)
-            if mine:
-                break
-            with contextlib.suppress(Exception):  # a failed open: look again, and open it here
-                return pending.result()
-        try:
-            session = opener()
-        except BaseException as exc:
-            self.opened(key, pending, None, exc)
-            raise
-        self.opened(key, pending, session, None)
-        return session
-
     def claim_open(self, key: SessionKey) -> tuple[concurrent.futures.Future[PutSession], bool]:
         """A future of ``key``'s session (cached, or being opened), and whether the caller was
-        made its opener: then it opens the session, without blocking if it likes, and reports
-        the outcome with :meth:`opened`, which resolves the future."""
+        made its opener: then it opens the session (waiting for it or not) and reports the
+        outcome with :meth:`opened`, which resolves the future.  A session pushed out of the
+        LRU is only forgotten, not aborted: its writer may still be at work, and the master
+        expires it if not."""
         with self._lock:
             session = self._sessions.get(key)
             if session is not None:
@@ -121,6 +99,8 @@ class SessionCache:
                         old.session_id,
                         self._capacity,
                     )
+        if pending.done():  # reported already: a put that gave up waiting (DEADLINE) before the open ended
+            return
         if session is not None:
             pending.set_result(session)
         else:

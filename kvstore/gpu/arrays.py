@@ -167,8 +167,6 @@ def _from_torch(tensor: Any) -> ArrayInfo:
     Its stream is torch's current stream on the tensor's device: the kernels that wrote the
     tensor (or will still read it) are queued there, and the SDK's copies wait for them.
     """
-    import torch  # already imported: ``tensor`` is one of its tensors
-
     itemsize = int(tensor.element_size())
     return ArrayInfo(
         int(tensor.data_ptr()),
@@ -177,14 +175,16 @@ def _from_torch(tensor: Any) -> ArrayInfo:
         itemsize,
         int(tensor.device.index),
         False,
-        _torch_stream(torch, int(tensor.device.index)),
+        _torch_stream(int(tensor.device.index)),
         tensor,
     )
 
 
-def _torch_stream(torch: Any, device: int) -> int:
+def _torch_stream(device: int) -> int:
     """torch's current stream on ``device``, as a raw pointer.  ``torch.cuda.current_stream`` builds a
     Stream object per call; the accessor beneath it (what torch's own extensions use) does not."""
+    import torch  # already imported: only torch tensors come here
+
     raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
     if raw is not None:
         return int(raw(device))
