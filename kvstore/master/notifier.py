@@ -212,7 +212,11 @@ class Notifier:
         queue = self._queues.get(node)
         if queue is None:
             return True
-        if not urgent and queue.last_answer is not None and not queue.last_answer.done():
+        # Until no batch is in flight: another flush may have written one while this one waited.
+        # One such batch at a time, so the records queued behind it go out merged (a node's
+        # message costs it ~0.4 ms of gRPC beyond the apply: a durable commit written behind
+        # five small batches waited out five of those).
+        while not urgent and queue.last_answer is not None and not queue.last_answer.done():
             with contextlib.suppress(Exception):  # reported by _answered
                 await asyncio.shield(queue.last_answer)
         posted: list[asyncio.Future[None]] = []
