@@ -145,6 +145,32 @@ def test_shard_checksums_combination() -> None:
 
 
 @pytest.mark.parametrize("threads", [1, 2])
+def test_native_one_pass_hashed_copy_matches_xxhash_at_every_tail(threads: int) -> None:
+    """The one-pass copy (64 KiB and up into a 16-byte aligned destination, XXH3's stripes
+    accumulated as they are stored): every tail length after the last whole stripe, lengths on
+    and around XXH3's 1 KiB blocks, sources at odd offsets."""
+    rng = np.random.default_rng(11)
+    base = 64 << 10
+    lengths = [base + k for k in range(0, 130)] + [
+        base + 1024 * j + k for j in (1, 7) for k in (-65, -64, -1, 1, 63)
+    ]
+    lengths += [(1 << 20) + 4097, 3 * base + 555]
+    src = rng.integers(0, 256, sum(lengths) + 64 * len(lengths), dtype=np.uint8)
+    dst = np.zeros(sum(lengths) + 64 * len(lengths) + 64, dtype=np.uint8)
+    d0 = (-dst.ctypes.data) % 64
+    ops, s, d = [], 1, d0
+    for n in lengths:
+        ops.append((dst.ctypes.data + d, src.ctypes.data + s, n))
+        s, d = s + n + 3, d + ((n + 63) // 64) * 64 + 16  # destinations 16-byte aligned, sources not
+    hashes = native.copy(np.array(ops, dtype=np.uint64), with_hashes=True, threads=threads)
+    assert hashes is not None
+    for (dst_addr, src_addr, n), got in zip(ops, hashes.tolist(), strict=True):
+        want = src[src_addr - src.ctypes.data : src_addr - src.ctypes.data + n]
+        assert np.array_equal(dst[dst_addr - dst.ctypes.data : dst_addr - dst.ctypes.data + n], want), n
+        assert got == xxhash.xxh3_64_intdigest(want.tobytes()), n
+
+
+@pytest.mark.parametrize("threads", [1, 2])
 def test_native_copy_hashes_exactly_the_bytes_it_copies(threads: int) -> None:
     """Hashed copies of every size class (short, just under and over the staged path's 64 KiB, long,
     odd lengths, unaligned ends) land byte for byte and hash like xxhash."""
