@@ -51,6 +51,9 @@ NODE_RPC_TIMEOUT_S = 5.0
 INVENTORY_TIMEOUT_S = 2.0
 FINAL_FLUSH_TIMEOUT_S = 2.0  # a stopping leader's last slot updates to its nodes
 EVICT_BATCH = 1024  # victims per eviction pass
+# Deferred layer commits queued for a node that go out at once (else with the background flush):
+# about two layers of a 2048-page request, ~0.3 ms of the node's apply
+DEFERRED_COMMIT_RECORDS = 4096
 EVICT_PASSES_ON_DEMAND = 4
 EVICT_PASSES_PER_TICK = 2
 LEASE_HORIZON_KEY = "lease_horizon"  # unix ms; see Master._cover_lease
@@ -1069,10 +1072,14 @@ class Master:
             else:
                 await asyncio.gather(*(self.notifier.flush(node) for node in nodes))
         else:
-            # Unanswered by the nodes, but on its way as soon as the batch in flight is answered
-            # (not at the next flush tick), with whatever queued meanwhile; the writer's last,
-            # durable commit is written behind it at once (an urgent flush).
+            # Unanswered by the nodes.  The records ride the next background flush (every few ms)
+            # unless enough of them queued to go at once, behind the batch in flight: the
+            # writer's last, durable commit then finds at most that many still to apply, and a
+            # short request's layers share one node message instead of one each (a message costs
+            # the master and node ~0.3 ms of CPU each, beside the apply).
             for node in nodes:
+                if self.notifier.queued_records(node) < DEFERRED_COMMIT_RECORDS:
+                    continue
                 task = asyncio.get_running_loop().create_task(self.notifier.flush(node, urgent=False))
                 self._side_tasks.add(task)
                 task.add_done_callback(self._side_tasks.discard)

@@ -89,6 +89,7 @@ class _NodeQueue:
     last_answer: asyncio.Future[None] | None = None  # the answer of the batch written last
     failures: int = 0  # failed batches so far: a flush that saw one meanwhile reports False
     taken: int = 0  # batches taken for sending so far (their ``seq``)
+    queued_records: int = 0  # records in ``batches`` not taken for sending yet
 
     def put_back(self, failed: list[_Batch]) -> None:
         """Failed batches go back in front, in the order they were taken (failures land in any order)."""
@@ -158,7 +159,9 @@ class Notifier:
         """One record per (slot, layer): ``slots`` and ``layers`` are parallel arrays."""
         if not len(slots):
             return
-        batch = self._queue(node).tail(after_free=True)
+        queue = self._queue(node)
+        queue.queued_records += len(slots)
+        batch = queue.tail(after_free=True)
         head_pairs = np.empty((len(slots), 2), dtype=np.uint16)
         head_pairs[:, 0], head_pairs[:, 1] = heads
         batch.commit.append(
@@ -186,6 +189,11 @@ class Notifier:
         """Whether the last attempt to reach ``node`` failed (placement avoids it meanwhile)."""
         queue = self._queues.get(node)
         return queue is not None and bool(queue.failing_since)
+
+    def queued_records(self, node: int) -> int:
+        """Layer commit records queued for ``node`` and not yet taken for sending."""
+        queue = self._queues.get(node)
+        return 0 if queue is None else queue.queued_records
 
     def pending(self, node: int) -> int:
         queue = self._queues.get(node)
@@ -224,6 +232,7 @@ class Notifier:
             failures = queue.failures
             # Take what is queued now; records enqueued while a batch is being written start a new list.
             batches, queue.batches = [b for b in queue.batches if not b.empty()], []
+            queue.queued_records = 0
             for batch in batches:
                 if batch.seq < 0:
                     batch.seq, queue.taken = queue.taken, queue.taken + 1
