@@ -146,12 +146,13 @@ def test_shard_checksums_combination() -> None:
 
 @pytest.mark.parametrize("threads", [1, 2])
 def test_native_one_pass_hashed_copy_matches_xxhash_at_every_tail(threads: int) -> None:
-    """The one-pass copy (64 KiB and up into a 16-byte aligned destination, XXH3's stripes
+    """The one-pass copy (4 KiB and up into a 16-byte aligned destination, XXH3's stripes
     accumulated as they are stored): every tail length after the last whole stripe, lengths on
     and around XXH3's 1 KiB blocks, sources at odd offsets."""
     rng = np.random.default_rng(11)
     base = 64 << 10
-    lengths = [base + k for k in range(0, 130)] + [
+    lengths = [4096 + k for k in (0, 1, 63, 64, 65, 1023, 1024, 1025)] + [16 << 10, (32 << 10) + 5]
+    lengths += [base + k for k in range(0, 130)] + [
         base + 1024 * j + k for j in (1, 7) for k in (-65, -64, -1, 1, 63)
     ]
     lengths += [(1 << 20) + 4097, 3 * base + 555]
