@@ -452,6 +452,38 @@ def test_native_recv_ranges_handles_partial_receives(staging_bytes):
             )
 
 
+@pytest.mark.parametrize("staging_bytes", [64, 100, native.STAGING_BYTES])
+def test_native_staged_receive_hashes_every_range_shape(staging_bytes):
+    # staged receives hash each range as its pieces land and stream-copy them out: every tail after
+    # XXH3's last whole stripe, its 1 KiB blocks, short and unaligned ranges between them, pieces
+    # of odd sizes split across receives
+    lengths = [241, 256, 300, 1024, 1025, 4096 + 63, 64 << 10, (64 << 10) + 1, (1 << 20) + 33]
+    lengths += [5000 + k for k in range(0, 130, 7)] + [17, 0, 240]
+    rng = np.random.default_rng(3)
+    arena = np.zeros(sum(lengths) + 64 * len(lengths) + 64, dtype=np.uint8)
+    bufs, at = [], (-arena.ctypes.data) % 16
+    for i, n in enumerate(lengths):
+        at += 3 if i % 5 == 4 else 0  # a few ranges unaligned
+        bufs.append(arena[at : at + n])
+        at = ((at + n + 15) // 16) * 16
+    data = rng.integers(0, 256, sum(lengths), dtype=np.uint8).tobytes()
+    a, b = socket.socketpair()
+    with a, b:
+
+        def sender() -> None:
+            for i in range(0, len(data), 9_973):  # odd pieces: stripes split between receives
+                a.sendall(data[i : i + 9_973])
+
+        t = threading.Thread(target=sender)
+        t.start()
+        ranges = np.array([(native.address_of(x) if len(x) else 0, len(x)) for x in bufs], dtype=np.uint64)
+        hashes = native.recv_ranges(b, ranges, with_hashes=True, staging=np.zeros(staging_bytes, np.uint8))
+        t.join()
+    assert b"".join(x.tobytes() for x in bufs) == data
+    assert hashes is not None
+    assert hashes.tolist() == [xxhash.xxh3_64_intdigest(x.tobytes()) for x in bufs]
+
+
 def test_native_staging_buffer_is_checked():
     a, b = socket.socketpair()
     with a, b:
