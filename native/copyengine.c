@@ -76,6 +76,12 @@ typedef struct {
  * development VM 27 GB/s on one thread where glibc's memcpy of the same
  * segments does 21-23.  The caller issues the store fence (one per batch).
  */
+/* 64 bytes from src into v, and stream-stored from v into dst (16-byte aligned). */
+static inline void stream_64(uint8_t *dst, const uint8_t *src, __m128i v[4]) {
+    for (int i = 0; i < 4; i++) v[i] = _mm_loadu_si128((const __m128i *)(src + 16 * i));
+    for (int i = 0; i < 4; i++) _mm_stream_si128((__m128i *)(dst + 16 * i), v[i]);
+}
+
 static void stream_copy(uint8_t *dst, const uint8_t *src, uint64_t len) {
     uint64_t head = (16 - ((uintptr_t)dst & 15)) & 15;
     if (head > len) head = len;
@@ -84,15 +90,9 @@ static void stream_copy(uint8_t *dst, const uint8_t *src, uint64_t len) {
     src += head;
     len -= head;
     uint64_t blocks = len / 64;
+    __m128i v[4];
     for (uint64_t i = 0; i < blocks; i++) {
-        __m128i a = _mm_loadu_si128((const __m128i *)src);
-        __m128i b = _mm_loadu_si128((const __m128i *)(src + 16));
-        __m128i c = _mm_loadu_si128((const __m128i *)(src + 32));
-        __m128i d = _mm_loadu_si128((const __m128i *)(src + 48));
-        _mm_stream_si128((__m128i *)dst, a);
-        _mm_stream_si128((__m128i *)(dst + 16), b);
-        _mm_stream_si128((__m128i *)(dst + 32), c);
-        _mm_stream_si128((__m128i *)(dst + 48), d);
+        stream_64(dst, src, v);
         src += 64;
         dst += 64;
     }
@@ -117,8 +117,7 @@ static void stream_copy(uint8_t *dst, const uint8_t *src, uint64_t len) {
 #define FH_STRIPES_PER_BLOCK 16u /* (default secret 192 - 64) / 8 */
 #define FH_BLOCK (FH_STRIPE * FH_STRIPES_PER_BLOCK)
 
-static inline void fh_accumulate(__m128i acc[4], __m128i a, __m128i b, __m128i c, __m128i d, const uint8_t *secret) {
-    __m128i v[4] = {a, b, c, d};
+static inline void fh_accumulate(__m128i acc[4], const __m128i v[4], const uint8_t *secret) {
     for (int i = 0; i < 4; i++) {
         __m128i key = _mm_loadu_si128((const __m128i *)(secret + 16 * i));
         __m128i dk = _mm_xor_si128(v[i], key);
@@ -159,21 +158,11 @@ static inline uint64_t fh_merge(const __m128i acc[4], const uint8_t *secret, uin
 
 /* One stripe: loaded once, stored (streaming) and accumulated; ``keep`` also gets the 64 bytes. */
 static inline void fh_stripe(__m128i acc[4], uint8_t *dst, const uint8_t *src, const uint8_t *secret, uint8_t *keep) {
-    __m128i a = _mm_loadu_si128((const __m128i *)src);
-    __m128i b = _mm_loadu_si128((const __m128i *)(src + 16));
-    __m128i c = _mm_loadu_si128((const __m128i *)(src + 32));
-    __m128i d = _mm_loadu_si128((const __m128i *)(src + 48));
-    _mm_stream_si128((__m128i *)dst, a);
-    _mm_stream_si128((__m128i *)(dst + 16), b);
-    _mm_stream_si128((__m128i *)(dst + 32), c);
-    _mm_stream_si128((__m128i *)(dst + 48), d);
-    if (keep) {
-        _mm_storeu_si128((__m128i *)keep, a);
-        _mm_storeu_si128((__m128i *)(keep + 16), b);
-        _mm_storeu_si128((__m128i *)(keep + 32), c);
-        _mm_storeu_si128((__m128i *)(keep + 48), d);
-    }
-    fh_accumulate(acc, a, b, c, d, secret);
+    __m128i v[4];
+    stream_64(dst, src, v);
+    if (keep)
+        for (int i = 0; i < 4; i++) _mm_storeu_si128((__m128i *)(keep + 16 * i), v[i]);
+    fh_accumulate(acc, v, secret);
 }
 
 /* Copies len (> 240, dst 16-byte aligned) bytes with streaming stores and returns XXH3_64bits of
@@ -202,10 +191,9 @@ static uint64_t fused_copy_xxh3(uint8_t *dst, const uint8_t *src, uint64_t len) 
     memcpy(last, last + FH_STRIPE, FH_STRIPE);
     memcpy(last + FH_STRIPE, src + pos, tail);
     memcpy(dst + pos, last + FH_STRIPE, tail);
-    const uint8_t *final = last + tail;
-    fh_accumulate(acc, _mm_loadu_si128((const __m128i *)final), _mm_loadu_si128((const __m128i *)(final + 16)),
-                  _mm_loadu_si128((const __m128i *)(final + 32)), _mm_loadu_si128((const __m128i *)(final + 48)),
-                  secret + 192 - FH_STRIPE - 7);
+    __m128i final[4];
+    for (int i = 0; i < 4; i++) final[i] = _mm_loadu_si128((const __m128i *)(last + tail + 16 * i));
+    fh_accumulate(acc, final, secret + 192 - FH_STRIPE - 7);
     return fh_merge(acc, secret + 11, len * 0x9E3779B185EBCA87ULL);
 }
 
