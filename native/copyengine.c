@@ -4,8 +4,9 @@
  * Python hands over one packed table of operations per call (never one call
  * per segment); the GIL is released for the whole batch, and large batches
  * run on a few threads that claim ~1 MiB of whole ops at a time.  Checksums
- * (xxh3_64) are computed inside the copy: each chunk is hashed right after it
- * lands, while it is still in cache, so the bytes are walked once from memory.
+ * (xxh3_64) are computed inside the copy: each 64-byte stripe is hashed from
+ * the registers that store it (fused_copy_xxh3), or, for small or unaligned
+ * destinations, each chunk right after it lands, while it is still in cache.
  *
  * Primitives:
  *   copy(ops, hashes=None, threads=1)   ops: u64 triples (dst, src, len)
@@ -64,10 +65,16 @@ typedef struct {
 
 /* Plain copies of at least this many bytes use streaming (non-temporal) stores. */
 #define STREAM_MIN_BYTES (64u * 1024u)
-/* The L1-resident buffer a hashed copy goes through (copy_and_hash). */
+/* The L1-resident buffer a hashed copy into an unaligned destination goes through (copy_and_hash). */
 #define STAGE_BYTES (16u * 1024u)
 
 #ifdef HAVE_STREAMING_STORES
+/* 64 bytes from src into v, and stream-stored from v into dst (16-byte aligned). */
+static inline void stream_64(uint8_t *dst, const uint8_t *src, __m128i v[4]) {
+    for (int i = 0; i < 4; i++) v[i] = _mm_loadu_si128((const __m128i *)(src + 16 * i));
+    for (int i = 0; i < 4; i++) _mm_stream_si128((__m128i *)(dst + 16 * i), v[i]);
+}
+
 /*
  * memcpy with streaming stores: the destination lines are written without
  * being read first (no read-for-ownership) and without evicting the cache.  A
@@ -76,12 +83,6 @@ typedef struct {
  * development VM 27 GB/s on one thread where glibc's memcpy of the same
  * segments does 21-23.  The caller issues the store fence (one per batch).
  */
-/* 64 bytes from src into v, and stream-stored from v into dst (16-byte aligned). */
-static inline void stream_64(uint8_t *dst, const uint8_t *src, __m128i v[4]) {
-    for (int i = 0; i < 4; i++) v[i] = _mm_loadu_si128((const __m128i *)(src + 16 * i));
-    for (int i = 0; i < 4; i++) _mm_stream_si128((__m128i *)(dst + 16 * i), v[i]);
-}
-
 static void stream_copy(uint8_t *dst, const uint8_t *src, uint64_t len) {
     uint64_t head = (16 - ((uintptr_t)dst & 15)) & 15;
     if (head > len) head = len;

@@ -89,7 +89,9 @@ class _NodeQueue:
     last_answer: asyncio.Future[None] | None = None  # the answer of the batch written last
     failures: int = 0  # failed batches so far: a flush that saw one meanwhile reports False
     taken: int = 0  # batches taken for sending so far (their ``seq``)
-    queued_records: int = 0  # records in ``batches`` not taken for sending yet
+    # commit records enqueued since batches were last taken (a hint: batches put back after a failure
+    # are not counted, and go out with the background flush that retries them)
+    queued_records: int = 0
 
     def put_back(self, failed: list[_Batch]) -> None:
         """Failed batches go back in front, in the order they were taken (failures land in any order)."""
@@ -191,7 +193,7 @@ class Notifier:
         return queue is not None and bool(queue.failing_since)
 
     def queued_records(self, node: int) -> int:
-        """Layer commit records queued for ``node`` and not yet taken for sending."""
+        """Layer commit records enqueued for ``node`` since its batches were last taken for sending."""
         queue = self._queues.get(node)
         return 0 if queue is None else queue.queued_records
 
