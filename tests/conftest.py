@@ -108,12 +108,18 @@ def namespace(request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture
 def client(request: pytest.FixtureRequest) -> Iterator[Callable[..., Any]]:
-    """``client(cluster, namespace, **cfg)``: a KVStoreClient closed after the test."""
+    """``client(cluster, namespace, **cfg)``: a KVStoreClient closed after the test.
+
+    ``create=(page_size, num_layers, segment_bytes)`` also creates the namespace.
+    """
     made: list[Any] = []
 
-    def make(cluster: Cluster, namespace: str, **cfg: Any) -> Any:
+    def make(cluster: Cluster, namespace: str, create: tuple[int, int, int] | None = None, **cfg: Any) -> Any:
         c = cluster.client(namespace, **cfg)
         made.append(c)
+        if create is not None:
+            page_size, num_layers, segment_bytes = create
+            c.create_namespace(page_size=page_size, num_layers=num_layers, segment_bytes=segment_bytes)
         return c
 
     yield make

@@ -155,6 +155,12 @@ class ControlWorkload:
     segment_bytes: int
     requests: int  # measured requests (one more, unmeasured, comes first)
 
+    def tokens(self, first: int) -> np.ndarray:
+        """A distinct prompt of ``pages`` 16-token pages, told apart by its first token."""
+        tokens = np.arange(self.pages * 16, dtype=np.int64) % 50_000
+        tokens[0] = first
+        return tokens
+
 
 def _ms(values: list[float]) -> dict[str, float]:
     arr = np.asarray(values, dtype=np.float64) * 1e3
@@ -238,8 +244,7 @@ def control_run(work: ControlWorkload) -> dict[str, Any]:
         for request in range(work.requests + 1):
             # the same request with its put opened ahead (KVStoreClient.open_put), answered before
             # layer 0 is ready (an engine's layer 0 computes meanwhile); only its first layer is kept
-            tokens = np.arange(work.pages * 16, dtype=np.int64) % 50_000
-            tokens[0] = 300_000 + request
+            tokens = work.tokens(300_000 + request)
             client.open_put(tokens).result()
             for layer in range(work.layers):
                 copies.clear()
@@ -251,8 +256,7 @@ def control_run(work: ControlWorkload) -> dict[str, Any]:
                 if written != work.pages:
                     raise RuntimeError(f"control run: put_layer wrote {written} of {work.pages} pages")
         for request in range(work.requests + 1):
-            tokens = np.arange(work.pages * 16, dtype=np.int64) % 50_000
-            tokens[0] = 200_000 + request
+            tokens = work.tokens(200_000 + request)
             measured = request > 0
             if measured:
                 rpc.clear()

@@ -19,6 +19,7 @@ from kvstore.testing import get_layers, page_bytes, prompt, wait_for
 PAGE = 16
 LAYERS = 2
 SEGMENT = 16384
+GEOMETRY = (PAGE, LAYERS, SEGMENT)  # client(..., create=GEOMETRY): page_size, num_layers, segment_bytes
 
 
 def _fill(c, seed: int, pages: int) -> tuple[np.ndarray, list[np.ndarray]]:
@@ -33,14 +34,8 @@ def _slots(response: pb.AcquirePrefixResponse) -> list[int]:
     return np.frombuffer(response.placements.slot_offsets, dtype="<u8")[: response.num_pages].tolist()
 
 
-def _create(client_factory, cluster, namespace, **cfg):
-    c = client_factory(cluster, namespace, **cfg)
-    c.create_namespace(page_size=PAGE, num_layers=LAYERS, segment_bytes=SEGMENT)
-    return c
-
-
 def test_lease_is_usable_from_another_process(cluster, client, workers, namespace):
-    c = _create(client, cluster, namespace)
+    c = client(cluster, namespace, create=GEOMETRY)
     tokens, layers = _fill(c, 30, 5)
     lease = c.acquire_prefix(tokens)
     assert lease.num_pages == 5 and lease.num_tokens == 5 * PAGE
@@ -65,7 +60,7 @@ def test_lease_is_usable_from_another_process(cluster, client, workers, namespac
 
 def test_lease_object_crosses_processes(cluster, client, workers, namespace):
     """A Lease handed to a worker pool as is (pickled with its placements) reads there too."""
-    c = _create(client, cluster, namespace)
+    c = client(cluster, namespace, create=GEOMETRY)
     tokens, layers = _fill(c, 34, 2)
     lease = c.acquire_prefix(tokens)
     try:
@@ -77,7 +72,7 @@ def test_lease_object_crosses_processes(cluster, client, workers, namespace):
 
 
 def test_release_ends_the_lease(cluster, client, workers, namespace):
-    c = _create(client, cluster, namespace)
+    c = client(cluster, namespace, create=GEOMETRY)
     tokens, _ = _fill(c, 31, 3)
     lease = c.acquire_prefix(tokens)
     assert cluster.evict(namespace).pages_skipped_leased == 3  # pinned while leased
@@ -91,7 +86,7 @@ def test_release_ends_the_lease(cluster, client, workers, namespace):
 
 
 def test_forgotten_lease_expires_and_pages_become_evictable(cluster, client, namespace):
-    c = _create(client, cluster, namespace)
+    c = client(cluster, namespace, create=GEOMETRY)
     tokens, layers = _fill(c, 32, 4)
     lease = c.acquire_prefix(tokens)  # never released
     taken = time.monotonic()
@@ -113,7 +108,7 @@ def test_forgotten_lease_expires_and_pages_become_evictable(cluster, client, nam
 
 
 def test_requested_lease_is_capped(cluster, client, namespace):
-    c = _create(client, cluster, namespace)
+    c = client(cluster, namespace, create=GEOMETRY)
     tokens, _ = _fill(c, 33, 1)
     lease = c.acquire_prefix(tokens, lease_ms=10**9)  # "forever" is not on offer
     assert lease.expires_unix_ms - time.time() * 1000 <= 300_000 + 5_000

@@ -20,17 +20,12 @@ from kvstore.testing import page_bytes, prompt
 PAGE = 16
 LAYERS = 3
 SEGMENT = 4096
-
-
-def _writer(client, cluster, namespace, **cfg):
-    c = client(cluster, namespace, **cfg)
-    c.create_namespace(page_size=PAGE, num_layers=LAYERS, segment_bytes=SEGMENT)
-    return c
+GEOMETRY = (PAGE, LAYERS, SEGMENT)  # client(..., create=GEOMETRY): page_size, num_layers, segment_bytes
 
 
 @pytest.mark.parametrize("transport", ["shm", "tcp"])
 def test_layers_go_into_the_session_opened_ahead(cluster, client, namespace, transport):
-    writer = _writer(client, cluster, namespace, transport=transport)
+    writer = client(cluster, namespace, create=GEOMETRY, transport=transport)
     tokens = TokenSequence(prompt(1, 6 * PAGE + 3))
     opened = writer.open_put(tokens)
     layers = [page_bytes(10 + layer, 6, SEGMENT) for layer in range(LAYERS)]
@@ -44,7 +39,7 @@ def test_layers_go_into_the_session_opened_ahead(cluster, client, namespace, tra
 
 
 def test_opening_twice_and_opening_stored_pages(cluster, client, namespace):
-    writer = _writer(client, cluster, namespace)
+    writer = client(cluster, namespace, create=GEOMETRY)
     tokens = prompt(2, 4 * PAGE)
     first, second = writer.open_put(tokens), writer.open_put(tokens)  # one session, one OpenPut
     assert first.result(10) == 4 and second.result(10) == 4
@@ -57,7 +52,7 @@ def test_opening_twice_and_opening_stored_pages(cluster, client, namespace):
 
 
 def test_abort_and_close_give_back_a_session_opened_ahead(cluster, client, namespace):
-    writer = _writer(client, cluster, namespace)
+    writer = client(cluster, namespace, create=GEOMETRY)
     other = client(cluster, namespace)
     tokens = prompt(4, 5 * PAGE)
     writer.open_put(tokens)
@@ -72,7 +67,7 @@ def test_abort_and_close_give_back_a_session_opened_ahead(cluster, client, names
 
 
 def test_bad_input_to_open_put(cluster, client, namespace):
-    writer = _writer(client, cluster, namespace)
+    writer = client(cluster, namespace, create=GEOMETRY)
     with pytest.raises(KVStoreError) as bad_tokens:
         writer.open_put(np.array([1, -5, 3] * PAGE))
     assert bad_tokens.value.code is ErrorCode.BAD_TOKENS
@@ -85,7 +80,7 @@ def test_bad_input_to_open_put(cluster, client, namespace):
 
 
 def test_a_failed_open_ahead_reaches_its_future_and_the_put_raises_it(cluster, client, namespace):
-    writer = _writer(client, cluster, namespace)
+    writer = client(cluster, namespace, create=GEOMETRY)
     tokens = prompt(7, 2 * PAGE)
     client(cluster, namespace).delete_namespace()  # the master no longer knows it; the writer has its layout
     opened = writer.open_put(tokens)
@@ -97,7 +92,7 @@ def test_a_failed_open_ahead_reaches_its_future_and_the_put_raises_it(cluster, c
 
 
 def test_async_client_opens_ahead(cluster, client, namespace):
-    _writer(client, cluster, namespace)
+    client(cluster, namespace, create=GEOMETRY)
     tokens = prompt(8, 2 * PAGE)
     layers = [page_bytes(80 + layer, 2, SEGMENT) for layer in range(LAYERS)]
 

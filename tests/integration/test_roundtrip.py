@@ -16,12 +16,7 @@ from kvstore.testing import get_layers, page_bytes, prompt, put_layers
 PAGE = 16
 LAYERS = 4
 SEGMENT = 8192
-
-
-def _create(client_factory, cluster, namespace, **cfg):
-    c = client_factory(cluster, namespace, **cfg)
-    c.create_namespace(page_size=PAGE, num_layers=LAYERS, segment_bytes=SEGMENT)
-    return c
+GEOMETRY = (PAGE, LAYERS, SEGMENT)  # client(..., create=GEOMETRY): page_size, num_layers, segment_bytes
 
 
 def _layers(seed: int, pages: int) -> list[np.ndarray]:
@@ -30,7 +25,7 @@ def _layers(seed: int, pages: int) -> list[np.ndarray]:
 
 @pytest.mark.parametrize("transport", ["shm", "tcp"])
 def test_put_in_one_process_get_in_another(cluster, client, workers, namespace, transport):
-    _create(client, cluster, namespace)
+    client(cluster, namespace, create=GEOMETRY)
     tokens = prompt(1, 8 * PAGE)
     layers = _layers(1, 8)
     written = workers.run("writer", put_layers, cluster.master_address, namespace, tokens, layers, transport)
@@ -45,7 +40,7 @@ def test_put_in_one_process_get_in_another(cluster, client, workers, namespace, 
 def test_transports_see_the_same_bytes(
     cluster, client, workers, namespace, writer_transport, reader_transport
 ):
-    _create(client, cluster, namespace)
+    client(cluster, namespace, create=GEOMETRY)
     tokens = prompt(2, 3 * PAGE)
     layers = _layers(2, 3)
     workers.run("writer", put_layers, cluster.master_address, namespace, tokens, layers, writer_transport)
@@ -58,7 +53,7 @@ def test_transports_see_the_same_bytes(
 
 
 def test_partial_prefix(cluster, client, namespace):
-    c = _create(client, cluster, namespace)
+    c = client(cluster, namespace, create=GEOMETRY)
     tokens = prompt(3, 8 * PAGE)
     layers = _layers(3, 4)
     for layer in range(LAYERS):
@@ -77,7 +72,7 @@ def test_partial_prefix(cluster, client, namespace):
 
 def test_a_token_sequence_and_plain_tokens_are_the_same_put_and_prefix(cluster, client, namespace):
     """One put session whether a layer names its tokens as a TokenSequence or a plain array."""
-    c = _create(client, cluster, namespace)
+    c = client(cluster, namespace, create=GEOMETRY)
     tokens = prompt(6, 5 * PAGE + 3)
     seq = TokenSequence(tokens)
     layers = _layers(6, 5)
@@ -95,7 +90,7 @@ def test_a_token_sequence_and_plain_tokens_are_the_same_put_and_prefix(cluster, 
 
 
 def test_divergent_suffix_shares_only_common_pages(cluster, client, namespace):
-    c = _create(client, cluster, namespace)
+    c = client(cluster, namespace, create=GEOMETRY)
     first = prompt(4, 8 * PAGE)
     second = first.copy()
     second[3 * PAGE + 2 :] = prompt(5, 8 * PAGE)[3 * PAGE + 2 :]  # diverges inside page 3
@@ -116,7 +111,7 @@ def test_divergent_suffix_shares_only_common_pages(cluster, client, namespace):
 
 
 def test_page_missing_a_layer_is_not_matched(cluster, client, namespace):
-    c = _create(client, cluster, namespace)
+    c = client(cluster, namespace, create=GEOMETRY)
     base = prompt(6, 4 * PAGE)
     extended = np.concatenate([base, prompt(7, 4 * PAGE)])
     base_layers, ext_layers = _layers(6, 4), _layers(7, 8)
@@ -135,7 +130,7 @@ def test_page_missing_a_layer_is_not_matched(cluster, client, namespace):
 
 
 def test_non_full_last_page_is_not_stored(cluster, client, namespace):
-    c = _create(client, cluster, namespace)
+    c = client(cluster, namespace, create=GEOMETRY)
     tokens = prompt(9, 5 * PAGE + 7)
     layers = _layers(9, 5)
     for layer in range(LAYERS):
@@ -148,7 +143,7 @@ def test_non_full_last_page_is_not_stored(cluster, client, namespace):
 
 
 def test_first_writer_wins(cluster, client, workers, namespace):
-    c = _create(client, cluster, namespace)
+    c = client(cluster, namespace, create=GEOMETRY)
     tokens = prompt(10, 4 * PAGE)
     mine, theirs = _layers(10, 4), _layers(11, 4)
     assert workers.run("writer", put_layers, cluster.master_address, namespace, tokens, mine) == [4] * LAYERS
@@ -165,7 +160,7 @@ def test_first_writer_wins(cluster, client, workers, namespace):
 
 
 def test_extras_round_trip(cluster, client, workers, namespace):
-    c = _create(client, cluster, namespace)
+    c = client(cluster, namespace, create=GEOMETRY)
     tokens = prompt(12, 3 * PAGE + 5)
     c.put_extra(tokens, "first_token", np.array([31337], dtype=np.int64))
     c.put_extra(tokens, "hidden", b"\x01\x02\x03" * 1000)

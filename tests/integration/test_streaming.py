@@ -34,19 +34,13 @@ def _work(cluster, namespace: str, seed: int, pages: int, layers: int, transport
     return StreamWork(cluster.master_address, namespace, seed, pages, layers, SLOT // layers, PAGE, transport)
 
 
-def _create(client, cluster, namespace: str, layers: int):
-    c = client(cluster, namespace)
-    c.create_namespace(page_size=PAGE, num_layers=layers, segment_bytes=SLOT // layers)
-    return c
-
-
 def _namespace_bytes(cluster, namespace: str) -> int:
     return sum(ns.bytes for ns in cluster.stats().namespaces if ns.name == namespace)
 
 
 @pytest.mark.parametrize(("transport", "layers"), [("shm", 16), ("tcp", 8)])
 def test_reader_gets_each_layer_before_the_next_is_written(cluster, client, namespace, transport, layers):
-    _create(client, cluster, namespace, layers)
+    client(cluster, namespace, create=(PAGE, layers, SLOT // layers))
     work = _work(cluster, namespace, seed=11, pages=5, layers=layers, transport=transport)
     ctx = spawn_context()
     events, acks = ctx.Queue(), ctx.Queue()
@@ -93,7 +87,7 @@ def _run_holder(work, events, hold_after) -> None:
 
 def test_killed_writer_ends_the_stream_with_the_unfinished_pages(cluster, client, namespace):
     layers = 8
-    c = _create(client, cluster, namespace, layers)
+    c = client(cluster, namespace, create=(PAGE, layers, SLOT // layers))
     work = _work(cluster, namespace, seed=12, pages=4, layers=layers)
     ctx = spawn_context()
     events = ctx.Queue()
@@ -128,7 +122,7 @@ def test_killed_writer_ends_the_stream_with_the_unfinished_pages(cluster, client
 
 def test_closed_stream_releases_its_lease(cluster, client, namespace):
     layers = 8
-    c = _create(client, cluster, namespace, layers)
+    c = client(cluster, namespace, create=(PAGE, layers, SLOT // layers))
     work = _work(cluster, namespace, seed=13, pages=3, layers=layers)
     tokens = work.tokens()
     assert c.put_layer(tokens, 0, work.layer_bytes(0)) == 3  # the put goes on: layers 1.. not yet
@@ -160,7 +154,7 @@ def _stream_statuses(cluster, request: pb.StreamPrefixRequest) -> list[pb.Stream
 
 
 def test_bad_stream_requests_get_a_status(cluster, client, namespace):
-    _create(client, cluster, namespace, 2)
+    client(cluster, namespace, create=(PAGE, 2, SLOT // 2))
     key = b"k" * 16
     cases = [
         (pb.StreamPrefixRequest(namespace="test/none-such", keys=key), ErrorCode.NAMESPACE_NOT_FOUND),
@@ -189,7 +183,7 @@ def test_bad_stream_requests_get_a_status(cluster, client, namespace):
 
 def test_put_layer_async_and_flush(cluster, client, namespace):
     layers = 8
-    c = _create(client, cluster, namespace, layers)
+    c = client(cluster, namespace, create=(PAGE, layers, SLOT // layers))
     work = _work(cluster, namespace, seed=14, pages=4, layers=layers)
     tokens = work.tokens()
     data = [work.layer_bytes(layer) for layer in range(layers)]
